@@ -1,14 +1,16 @@
 import copy
 import math
+import os
 import textwrap
 
 import torch
 from accelerate.utils import is_peft_model
 from trl import DistillationTrainer
 from trl.models import prepare_deepspeed
-from trl.trainer.utils import create_model_from_path
+from trl.trainer.utils import create_model_from_path, maybe_gather_lm_head_ctx
 
 from .config import HorizonOPDConfig
+from .export import add_distillation_section, distillation_section, model_id, require_hub_token
 from .horizon import HorizonSchedule
 from .loss import (
     logit_postprocessing,
@@ -101,6 +103,17 @@ class HorizonOPDTrainer(DistillationTrainer):
                 "path to have it loaded with those kwargs, or drop teacher_model_init_kwargs."
             )
         self.horizon_schedule: HorizonSchedule = args.horizon_schedule
+        if peft_config is not None and not isinstance(model, str) and is_peft_model(model):
+            raise ValueError(
+                f"model is already a PeftModel (adapters {list(model.peft_config)}) and peft_config asks for another "
+                f"adapter on top. Either pass peft_config=None to keep training the adapter it has, or merge it first "
+                f"(merged = horizon_opd.export.merge_adapter(model)) and pass the merged model with peft_config."
+            )
+        if args.push_to_hub:
+            require_hub_token(args.hub_token)
+        if args.deepspeed_plugin is not None:
+            _check_deepspeed_processes(args)
+            _check_teacher_for_deepspeed(teacher_model, args.deepspeed_plugin.zero_stage)
 
         # TRL's constructor requires identical vocab sizes; the teacher is attached below instead, where a padded
         # vocabulary (e.g. Qwen2.5-1.5B 151936 vs Qwen2.5-7B 152064) is reduced to the shared tokenizer vocabulary.
@@ -120,9 +133,11 @@ class HorizonOPDTrainer(DistillationTrainer):
         self.shared_vocab_size = _shared_vocab_size(self.model, teacher_model, len(self._tokenizer))
         teacher_model.requires_grad_(False)
         if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            self.teacher_model = _prepare_teacher_for_deepspeed(teacher_model, self.accelerator)
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            if not self.is_fsdp_enabled:
+                _check_heads_share_a_device(self.model, self.accelerator.unwrap_model(self.teacher_model))
         self._position_stats = None  # (sums, counts) of the last micro-batch, logged by `compute_loss`
 
     # ----------------------------------------------------------------------------------------------- horizon
@@ -147,6 +162,27 @@ class HorizonOPDTrainer(DistillationTrainer):
         self._metrics[mode]["horizon/tokens"].append(float(horizon))
         self._metrics[mode]["horizon/ratio"].append(horizon / self.horizon_schedule.max_completion_length)
         return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+
+    # ----------------------------------------------------------------------------------------------- shipping
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card (tags, paper, citations), plus a section with the teacher, horizon, loss, dataset and metrics."""
+        if not self.is_world_process_zero():
+            return
+        if dataset_name is None:
+            dataset_name = getattr(getattr(self.train_dataset, "info", None), "dataset_name", None)
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        adapter_of = model_id(self.model) if is_peft_model(self.model) else None
+        add_distillation_section(os.path.join(self.args.output_dir, "README.md"),
+                                 distillation_section(self, dataset_name), adapter_of=adapter_of)
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None,
+                    **kwargs):
+        """[`~transformers.Trainer.push_to_hub`], after checking that a Hub token is available (on every rank, so a
+        missing token fails the same way everywhere instead of leaving the other ranks waiting). `dataset_name` goes
+        to the model card."""
+        require_hub_token(token or self.args.hub_token)
+        return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token, revision=revision,
+                                   private=private, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -244,9 +280,23 @@ class HorizonOPDTrainer(DistillationTrainer):
 def _vocab_slice(head: torch.nn.Module, vocab_size: int | None):
     """The head's weight and bias, restricted to the first `vocab_size` rows when the two heads differ in size."""
     weight, bias = head.weight, head.bias
-    if vocab_size is None or weight.size(0) == vocab_size:
+    rows = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.size(0)
+    if vocab_size is None or rows == vocab_size:
         return weight, bias
-    return weight[:vocab_size], (None if bias is None else bias[:vocab_size])
+    if not hasattr(weight, "ds_shape"):
+        return weight[:vocab_size], (None if bias is None else bias[:vocab_size])
+    # ZeRO-3: the parameter holds an empty shard, and TRL's kernels gather a head by its `ds_status`, which a slice
+    # lacks. Gather it here, copy the shared rows and mark the copy available, so the kernels use it as is. The copy
+    # lives for one micro-batch; the student's gradient still reaches its parameter through the clone and the slice.
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    with maybe_gather_lm_head_ctx(weight, bias):
+        weight = weight[:vocab_size].clone()
+        bias = None if bias is None else bias[:vocab_size].clone()
+    for tensor in (weight, bias):
+        if tensor is not None:
+            tensor.ds_status = ZeroParamStatus.AVAILABLE
+    return weight, bias
 
 
 def _shared_vocab_size(student, teacher, tokenizer_size: int) -> int | None:
@@ -265,6 +315,72 @@ def _shared_vocab_size(student, teacher, tokenizer_size: int) -> int | None:
             f"cross-tokenizer distillation."
         )
     return shared
+
+
+def _check_deepspeed_processes(args: HorizonOPDConfig) -> None:
+    """`accelerate launch` started WORLD_SIZE processes; fail if the trainer would train as if it were alone."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != args.world_size:
+        raise ValueError(
+            f"accelerate launch started {launched} DeepSpeed processes but this one sees a world of "
+            f"{args.world_size}: without a GPU, accelerate picks no communication backend. Pass ddp_backend='gloo' "
+            f"(--ddp_backend gloo) to run DeepSpeed on CPU."
+        )
+
+
+def _check_teacher_for_deepspeed(teacher, zero_stage: int) -> None:
+    """Reject teachers DeepSpeed cannot take over, before anything is built: DeepSpeed places (and under ZeRO-3
+    shards) the teacher itself."""
+    device_map = getattr(teacher, "hf_device_map", None)
+    if device_map is not None and len(set(device_map.values())) > 1:
+        raise ValueError(
+            f"The teacher was dispatched over several devices with a device_map ({device_map}), but under DeepSpeed "
+            f"the teacher is placed by DeepSpeed (sharded under ZeRO-3). Load it with device_map=None, or pass its "
+            f"path as teacher_model so HorizonOPDTrainer loads it that way."
+        )
+    quantization = [f"{bits}-bit" for bits in (4, 8) if getattr(teacher, f"is_loaded_in_{bits}bit", False)]
+    if zero_stage == 3 and quantization:
+        raise ValueError(
+            f"The teacher is quantized ({quantization[0]}), and ZeRO-3 cannot partition quantized weights, so it "
+            f"cannot be prepared for ZeRO-3 inference. ZeRO-3 already splits the teacher across ranks: load it "
+            f"unquantized in bf16 (teacher_model_init_kwargs={{'dtype': 'bfloat16'}}), or use ZeRO-2, where each rank "
+            f"keeps a whole teacher."
+        )
+
+
+def _prepare_teacher_for_deepspeed(teacher, accelerator):
+    """TRL's `prepare_deepspeed` (ZeRO-3: a sharded inference engine; else replicated), with the reason it failed."""
+    stage = accelerator.state.deepspeed_plugin.zero_stage
+    try:
+        return prepare_deepspeed(teacher, accelerator)
+    except Exception as error:
+        raise RuntimeError(
+            f"DeepSpeed could not prepare the teacher ({type(teacher).__name__}) for ZeRO-{stage} inference: "
+            f"{type(error).__name__}: {error}. Pass the teacher as a path (teacher_model='org/name') so it is loaded "
+            f"with device_map=None in the training dtype, without quantization, or switch the accelerate config to "
+            f"ZeRO-2, which replicates the teacher instead of sharding it."
+        ) from error
+
+
+def _check_heads_share_a_device(student, teacher) -> None:
+    """The loss reads both `lm_head` weights directly, tile by tile: both must be materialized on one device."""
+    heads = {"student": student.get_output_embeddings().weight, "teacher": teacher.get_output_embeddings().weight}
+    for name, weight in heads.items():
+        if weight.device.type == "meta":
+            device_map = getattr(student if name == "student" else teacher, "hf_device_map", None)
+            raise ValueError(
+                f"The {name} lm_head is offloaded (its weight is on the meta device; device_map {device_map}). The "
+                f"loss reads lm_head.weight directly, so it must live on a real device: give 'lm_head' a device in the "
+                f"device_map (e.g. device_map={{..., 'lm_head': 0}}), or raise max_memory so nothing is offloaded."
+            )
+    if heads["student"].device != heads["teacher"].device:
+        raise ValueError(
+            f"The student lm_head is on {heads['student'].device} but the teacher lm_head is on "
+            f"{heads['teacher'].device} (teacher device_map: {getattr(teacher, 'hf_device_map', None)}). The loss "
+            f"compares the two heads tile by tile on one device: load the teacher with a device_map that puts "
+            f"'lm_head' on {heads['student'].device}, e.g. device_map={{..., 'lm_head': "
+            f"'{heads['student'].device}'}}, or load both models on that device."
+        )
 
 
 def _load_teacher(path: str, args: HorizonOPDConfig):
