@@ -21,6 +21,12 @@ from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
 # Vocabulary tile of the log-prob kernel; the same value TRL's fused SFT/GRPO losses use.
 LOGPROB_VOCAB_CHUNK = 32768
+# Positions per call of TRL's divergence kernel on CPU. Without Triton the kernel works on float32 [rows, 32768] tiles
+# with about a dozen temporaries each, rows = min(N, 4096): 512 MB apiece, which the allocator maps afresh and the
+# kernel faults in page by page on every call. Blocks of 128 positions keep each temporary at 16 MiB, reused from the
+# heap: the loss of a 4096-position batch at vocab 32k takes ~2x less time and ~5x less memory (benchmarks/README.md).
+# GPUs keep TRL's tiling.
+CPU_ROW_BLOCK = 128
 
 
 def logit_postprocessing(config) -> tuple[float, float | None]:
@@ -50,20 +56,32 @@ def reverse_kl_per_token(
     teacher_post: tuple[float, float | None] = (1.0, None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position KL(student || teacher) and student entropy, both `(N,)` float32, in nats."""
-    return ChunkedDivergenceFunction.apply(
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
-        1.0,  # beta = 1: reverse KL
-        temperature,
-        student_post[0],
-        student_post[1],
-        teacher_post[0],
-        teacher_post[1],
-    )
+
+    def divergence(h_s, h_t):
+        return ChunkedDivergenceFunction.apply(
+            h_s,
+            student_weight,
+            student_bias,
+            h_t,
+            teacher_weight,
+            teacher_bias,
+            1.0,  # beta = 1: reverse KL
+            temperature,
+            student_post[0],
+            student_post[1],
+            teacher_post[0],
+            teacher_post[1],
+        )
+
+    n = student_hidden.size(0)
+    if student_hidden.device.type != "cpu" or n <= CPU_ROW_BLOCK:
+        return divergence(student_hidden, teacher_hidden)
+    # Every position is independent, so row blocks give the same values; see CPU_ROW_BLOCK for why.
+    blocks = [
+        divergence(student_hidden[i : i + CPU_ROW_BLOCK], teacher_hidden[i : i + CPU_ROW_BLOCK])
+        for i in range(0, n, CPU_ROW_BLOCK)
+    ]
+    return torch.cat([kl for kl, _ in blocks]), torch.cat([entropy for _, entropy in blocks])
 
 
 def token_logprobs(
