@@ -139,6 +139,7 @@ class HorizonOPDTrainer(DistillationTrainer):
             if not self.is_fsdp_enabled:
                 _check_heads_share_a_device(self.model, self.accelerator.unwrap_model(self.teacher_model))
         self._position_stats = None  # (sums, counts) of the last micro-batch, logged by `compute_loss`
+        self.generated_tokens = 0  # rollout tokens this process generated for training (the horizon's cost driver)
 
     # ----------------------------------------------------------------------------------------------- horizon
     def current_horizon(self) -> int:
@@ -161,7 +162,10 @@ class HorizonOPDTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["horizon/tokens"].append(float(horizon))
         self._metrics[mode]["horizon/ratio"].append(horizon / self.horizon_schedule.max_completion_length)
-        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        if mode == "train":
+            self.generated_tokens += sum(len(ids) for ids in completion_ids)
+        return completion_ids
 
     # ----------------------------------------------------------------------------------------------- shipping
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):

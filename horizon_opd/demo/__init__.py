@@ -1,0 +1,54 @@
+"""The embedded demo: a successor-table reasoning task, and a teacher and a student trained on it, shipped in the
+package so the library's main job runs offline on a CPU (`horizon-opd`, the notebooks, the examples)."""
+
+from pathlib import Path
+
+from .evaluation import evaluate_accuracy, generate_completions
+from .task import MAX_COMPLETION_LENGTH, accuracy, build_datasets, extract_answer
+from .tokenizer import build_char_tokenizer
+
+MODELS_DIR = Path(__file__).parent / "models"
+TEACHER_PATH = str(MODELS_DIR / "teacher")
+STUDENT_PATH = str(MODELS_DIR / "student")
+
+
+def load_demo_models():
+    """(student, teacher, tokenizer) of the bundled demo, loaded with `from_pretrained` from the package."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(STUDENT_PATH)
+    return (AutoModelForCausalLM.from_pretrained(STUDENT_PATH), AutoModelForCausalLM.from_pretrained(TEACHER_PATH),
+            tokenizer)
+
+
+def load_prompt_dataset(path: str, test_fraction: float = 0.1, seed: int = 0):
+    """A user's prompt dataset from a `save_to_disk` directory (a DatasetDict with `train`/`test`, or one Dataset that
+    is split here) or a .json/.jsonl file, as a DatasetDict with `train` and `test`."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    if Path(path).is_dir():
+        data = load_from_disk(path)
+    else:
+        data = load_dataset("json", data_files=path)["train"]
+    if isinstance(data, Dataset):
+        data = data.train_test_split(test_size=test_fraction, seed=seed)
+    if not isinstance(data, DatasetDict) or "train" not in data:
+        raise ValueError(f"{path} must hold a Dataset or a DatasetDict with a 'train' split; found {type(data)}.")
+    if "test" not in data:
+        data = data["train"].train_test_split(test_size=test_fraction, seed=seed)
+    return data
+
+
+__all__ = [
+    "MAX_COMPLETION_LENGTH",
+    "STUDENT_PATH",
+    "TEACHER_PATH",
+    "accuracy",
+    "build_char_tokenizer",
+    "build_datasets",
+    "evaluate_accuracy",
+    "extract_answer",
+    "generate_completions",
+    "load_demo_models",
+    "load_prompt_dataset",
+]

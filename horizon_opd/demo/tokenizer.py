@@ -18,11 +18,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character of `CHARACTERS` plus the special tokens; left padding, as TRL's trainers expect."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
+def build_char_tokenizer(number_tokens: int = 0) -> PreTrainedTokenizerFast:
+    """One token per character of `CHARACTERS` plus the special tokens; left padding, as TRL's trainers expect.
+
+    With `number_tokens=n`, each three-digit number 000..n-1 is also a single token, alone and followed by a space
+    (the demo task's values), so one reasoning step is one token."""
+    numbers = [f"{i:03d}" for i in range(number_tokens)] + [f"{i:03d} " for i in range(number_tokens)]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS) + numbers)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    pattern = r"\d\d\d ?|." if number_tokens else "."
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     backend.decoder = decoders.Fuse()  # characters join without separators
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

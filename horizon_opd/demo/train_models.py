@@ -1,0 +1,156 @@
+"""Re-make the bundled demo teacher and student (supervised training on the successor-table task).
+
+    python -m horizon_opd.demo.train_models [--output-dir horizon_opd/demo/models]
+
+- teacher: trained until held-out greedy accuracy is ~100%, on chains where 15% carry one corrupted value (its loss
+  masked, the chain continuing from it), so it continues correctly from any prefix, including the student's mistakes.
+- student: a smaller model trained the same way, except that `--unknown-entries` table entries are never taught
+  (their loss is masked; the values still appear as inputs). It writes the format, copies and most look-ups
+  perfectly but errs at whichever step of a chain meets an entry it never learned, early or late, so its accuracy is
+  low and the teacher's per-token feedback on its own rollouts is exactly what it lacks.
+
+Both are Llama architectures saved with `save_pretrained`, next to the character tokenizer (with its chat template).
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .evaluation import evaluate_accuracy
+from .task import NUM_STEPS, NUM_VALUES, SUCCESSOR, build_datasets, completion_text, prompt_text
+from .tokenizer import build_char_tokenizer
+
+ARCHITECTURES = {
+    "teacher": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
+    "student": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+}
+
+
+RARE_TOKEN_WEIGHT = 10.0
+
+
+def build_model(kind: str, tokenizer, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=2,
+        max_position_embeddings=160,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **ARCHITECTURES[kind],
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def unknown_entries(count: int, seed: int = 0) -> set[int]:
+    """Table entries (inputs x of x -> SUCCESSOR[x]) the student is never taught."""
+    return set(random.Random(seed).sample(range(NUM_VALUES), count))
+
+
+def sample_sequence(rng: random.Random, tokenizer, train_starts, corrupt_prob: float, untaught=frozenset()):
+    """Token ids and loss weights of one supervised example: chat prompt, chain, answer, EOS. Look-ups whose input is
+    in `untaught` get weight 0."""
+    start = rng.choice(train_starts)
+    values, masked = [], set()
+    x = start
+    corrupt_at = rng.randrange(NUM_STEPS - 1) if rng.random() < corrupt_prob else -1
+    for step in range(NUM_STEPS):
+        x = SUCCESSOR[x]
+        if step == corrupt_at:  # a wrong value the model must not learn to write, but must continue from
+            x = rng.choice([v for v in range(NUM_VALUES) if v != x])
+            masked.add(step)
+        values.append(x)
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt_text(start)}], add_generation_prompt=True, tokenize=True,
+        return_dict=True,
+    )["input_ids"]
+    completion = completion_text(start, values)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # The restated start (copied from the prompt) and the answer (copied from the last value) occur once per chain,
+    # against 96 table look-ups; weighting them up lets them converge as fast as the look-ups.
+    mask = [1.0] * len(completion_ids)
+    mask[0] = RARE_TOKEN_WEIGHT
+    for i in range(NUM_STEPS + 1, len(completion_ids)):
+        mask[i] = RARE_TOKEN_WEIGHT
+    for step in masked:  # one token per value, after the restated start
+        mask[step + 1] = 0
+    for step, previous in enumerate([start, *values[:-1]]):
+        if previous in untaught:
+            mask[step + 1] = 0
+    return prompt_ids + completion_ids, [0] * len(prompt_ids) + mask
+
+
+def train(kind, tokenizer, data, *, steps, batch_size, lr, seed, eval_every, corrupt_prob, log, untaught=frozenset()):
+    model = build_model(kind, tokenizer, seed)
+    rng = random.Random(seed)
+    train_starts = list(data["train"]["start"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    history = []
+    for step in range(1, steps + 1):
+        model.train()
+        batch = [sample_sequence(rng, tokenizer, train_starts, corrupt_prob, untaught) for _ in range(batch_size)]
+        ids = torch.tensor([b[0] for b in batch])  # all examples have the same length
+        mask = torch.tensor([b[1] for b in batch], dtype=torch.float32)
+        logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % eval_every == 0 or step == steps:
+            acc = evaluate_accuracy(model, tokenizer, data["test"])
+            history.append({"step": step, "loss": loss.item(), "accuracy": acc})
+            log(f"{kind} step {step} loss {loss.item():.4f} held-out accuracy {acc:.3f}")
+    return model, history
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "models"))
+    parser.add_argument("--teacher-steps", type=int, default=1200)
+    parser.add_argument("--student-steps", type=int, default=1200)
+    parser.add_argument("--unknown-entries", type=int, default=4, help="table entries the student is never taught")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--only", choices=["teacher", "student"], default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    tokenizer = build_char_tokenizer(number_tokens=NUM_VALUES)
+    data = build_datasets()
+    out = Path(args.output_dir)
+    report = {}
+    for kind, steps, seed, untaught in (
+        ("teacher", args.teacher_steps, 0, frozenset()),
+        ("student", args.student_steps, 1, frozenset(unknown_entries(args.unknown_entries))),
+    ):
+        if args.only not in (None, kind):
+            continue
+        start = time.time()
+        model, history = train(kind, tokenizer, data, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                               seed=seed, eval_every=args.eval_every, corrupt_prob=0.15, untaught=untaught,
+                               log=lambda msg: print(msg, flush=True))
+        model.save_pretrained(out / kind)
+        tokenizer.save_pretrained(out / kind)
+        report[kind] = {"history": history, "seconds": round(time.time() - start, 1), "untaught": sorted(untaught),
+                        "parameters": sum(p.numel() for p in model.parameters()), "args": vars(args)}
+        (out / kind / "training_log.json").write_text(json.dumps(report[kind], indent=1))
+    print(json.dumps({k: {"final": v["history"][-1], "seconds": v["seconds"], "parameters": v["parameters"]}
+                      for k, v in report.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
