@@ -43,7 +43,7 @@ both models fitting on one GPU, ZeRO-2 replicates the teacher and is faster than
 ```bash
 accelerate launch --config_file examples/accelerate/zero2.yaml examples/distill.py \
     --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct \
-    --teacher_model_name_or_path Qwen/Qwen2.5-1.5B-Math-Instruct \
+    --teacher_model_name_or_path Qwen/Qwen2.5-Math-1.5B-Instruct \
     --dataset_name trl-lib/ultrafeedback-prompt \
     --dtype bfloat16 --bf16 \
     --horizon truncated --truncation_ratio 0.1 --max_completion_length 2048 \
