@@ -45,6 +45,17 @@ def test_shipped_accelerate_configs_load(name, stage, offload):
     assert ds.get("zero3_init_flag", False) == (stage == 3)
 
 
+def test_trl_zero3_seams_we_rely_on():
+    """The ZeRO-3 vocabulary slice marks its copy with `ds_status`, which TRL's kernels read to skip the gather."""
+    import inspect
+
+    from trl.kernels import chunked_divergence
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    assert "p.ds_status != ZeroParamStatus.AVAILABLE" in inspect.getsource(maybe_gather_lm_head_ctx)
+    assert "maybe_gather_lm_head_ctx(teacher_weight, teacher_bias)" in inspect.getsource(chunked_divergence)
+
+
 def test_teachers_deepspeed_cannot_take_are_rejected_with_the_fix():
     dispatched = SimpleNamespace(hf_device_map={"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1})
     with pytest.raises(ValueError, match=r"dispatched over several devices.*Load it with device_map=None"):

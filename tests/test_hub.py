@@ -98,6 +98,19 @@ def test_lora_push_uploads_an_adapter_card_for_its_base(pushed):
     assert "| Teacher | [horizon-tester/tiny-teacher]" in body
 
 
+def test_trl_model_card_seams_we_rely_on():
+    import inspect
+
+    from transformers import Trainer
+    from trl import DistillationTrainer
+
+    params = list(inspect.signature(DistillationTrainer.create_model_card).parameters)
+    assert params == ["self", "model_name", "dataset_name", "tags"]
+    assert "self.create_model_card(model_name=model_name, **kwargs)" in inspect.getsource(Trainer.push_to_hub)
+    assert "### Framework versions" in (Path(inspect.getfile(DistillationTrainer)).parents[1] / "templates" /
+                                        "lm_model_card.md").read_text()
+
+
 def test_push_without_a_token_names_the_fix(tmp_path, monkeypatch, student, teacher, tokenizer, prompts):
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
