@@ -131,6 +131,19 @@ class HorizonOPDTrainer(DistillationTrainer):
             tools=tools,
         )
         self.shared_vocab_size = _shared_vocab_size(self.model, teacher_model, len(self._tokenizer))
+        student_vocab = self.model.config.get_text_config().vocab_size
+        if self.shared_vocab_size is not None and student_vocab > self.shared_vocab_size:
+            # The student's padding rows are ids no tokenizer token has and the teacher cannot score: never sample them.
+            padding_ids = list(range(self.shared_vocab_size, student_vocab))
+            suppressed = list(self.generation_kwargs.get("suppress_tokens") or []) + padding_ids
+            self.generation_kwargs["suppress_tokens"] = suppressed
+            self.generation_config.suppress_tokens = suppressed
+            if self.use_vllm:
+                raise ValueError(
+                    f"The student's vocab_size {student_vocab} exceeds the teacher's {self.shared_vocab_size}, and vLLM "
+                    f"generation cannot be told to avoid the student's padding ids. Use use_vllm=False, or a teacher "
+                    f"with at least the student's vocab_size."
+                )
         teacher_model.requires_grad_(False)
         if self.is_deepspeed_enabled:
             self.teacher_model = _prepare_teacher_for_deepspeed(teacher_model, self.accelerator)

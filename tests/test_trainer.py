@@ -273,3 +273,18 @@ def test_user_args_are_never_mutated(tmp_path, student, teacher, tokenizer, prom
     trainer.train()
     assert args.to_dict() == before
     assert trainer.args is not args
+
+
+def test_padded_student_never_samples_ids_the_teacher_cannot_score(tmp_path, tokenizer, prompts):
+    vocab = len(tokenizer)
+    padded_student = tiny_causal_lm(vocab + 25, seed=0)
+    with torch.no_grad():  # make the padding rows the most likely tokens, so an unsuppressed sampler would pick them
+        padded_student.lm_head.weight[vocab:] = 5 * padded_student.lm_head.weight[:vocab].abs().max()
+    trainer = _trainer(tmp_path, padded_student, tiny_causal_lm(vocab, hidden_size=48, seed=1), tokenizer, prompts,
+                       max_steps=2)
+    records = record_generations(trainer)
+    trainer.train()
+    for record in records:
+        generated = record["completion_ids"][record["completion_mask"].bool()]
+        assert generated.max().item() < vocab
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))

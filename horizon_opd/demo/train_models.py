@@ -4,10 +4,11 @@
 
 - teacher: trained until held-out greedy accuracy is ~100%, on chains where 15% carry one corrupted value (its loss
   masked, the chain continuing from it), so it continues correctly from any prefix, including the student's mistakes.
-- student: a smaller model trained the same way, except that `--unknown-entries` table entries are never taught
-  (their loss is masked; the values still appear as inputs). It writes the format, copies and most look-ups
-  perfectly but errs at whichever step of a chain meets an entry it never learned, early or late, so its accuracy is
-  low and the teacher's per-token feedback on its own rollouts is exactly what it lacks.
+- student: a smaller model trained the same way, except that for `--confused-entries` table entries the training
+  chains write a fixed wrong successor 70% of the time (a misconception it learned from noisy data). It writes the
+  format, copies and the other look-ups well but, greedily, takes the wrong branch at whichever step of a chain meets
+  a confused entry, early or late. It still gives the right successor ~30% probability, so sampled rollouts sometimes
+  take it and the teacher's per-token feedback can pull the student toward it.
 
 Both are Llama architectures saved with `save_pretrained`, next to the character tokenizer (with its chat template).
 """
@@ -52,20 +53,26 @@ def build_model(kind: str, tokenizer, seed: int) -> LlamaForCausalLM:
     return model
 
 
-def unknown_entries(count: int, seed: int = 0) -> set[int]:
-    """Table entries (inputs x of x -> SUCCESSOR[x]) the student is never taught."""
-    return set(random.Random(seed).sample(range(NUM_VALUES), count))
+CONFUSION_RATE = 0.7
 
 
-def sample_sequence(rng: random.Random, tokenizer, train_starts, corrupt_prob: float, untaught=frozenset()):
-    """Token ids and loss weights of one supervised example: chat prompt, chain, answer, EOS. Look-ups whose input is
-    in `untaught` get weight 0."""
+def confused_entries(count: int, seed: int = 0) -> dict[int, int]:
+    """{x: wrong successor} for `count` table entries the student is taught wrongly most of the time."""
+    rng = random.Random(seed)
+    return {x: rng.choice([v for v in range(NUM_VALUES) if v != SUCCESSOR[x]])
+            for x in rng.sample(range(NUM_VALUES), count)}
+
+
+def sample_sequence(rng: random.Random, tokenizer, train_starts, corrupt_prob: float, confused=None):
+    """Token ids and loss weights of one supervised example: chat prompt, chain, answer, EOS. At an entry of
+    `confused` the chain takes the wrong successor with probability CONFUSION_RATE (and continues from it)."""
+    confused = confused or {}
     start = rng.choice(train_starts)
     values, masked = [], set()
     x = start
     corrupt_at = rng.randrange(NUM_STEPS - 1) if rng.random() < corrupt_prob else -1
     for step in range(NUM_STEPS):
-        x = SUCCESSOR[x]
+        x = confused[x] if x in confused and rng.random() < CONFUSION_RATE else SUCCESSOR[x]
         if step == corrupt_at:  # a wrong value the model must not learn to write, but must continue from
             x = rng.choice([v for v in range(NUM_VALUES) if v != x])
             masked.add(step)
@@ -84,13 +91,10 @@ def sample_sequence(rng: random.Random, tokenizer, train_starts, corrupt_prob: f
         mask[i] = RARE_TOKEN_WEIGHT
     for step in masked:  # one token per value, after the restated start
         mask[step + 1] = 0
-    for step, previous in enumerate([start, *values[:-1]]):
-        if previous in untaught:
-            mask[step + 1] = 0
     return prompt_ids + completion_ids, [0] * len(prompt_ids) + mask
 
 
-def train(kind, tokenizer, data, *, steps, batch_size, lr, seed, eval_every, corrupt_prob, log, untaught=frozenset()):
+def train(kind, tokenizer, data, *, steps, batch_size, lr, seed, eval_every, corrupt_prob, log, confused=None):
     model = build_model(kind, tokenizer, seed)
     rng = random.Random(seed)
     train_starts = list(data["train"]["start"])
@@ -99,7 +103,7 @@ def train(kind, tokenizer, data, *, steps, batch_size, lr, seed, eval_every, cor
     history = []
     for step in range(1, steps + 1):
         model.train()
-        batch = [sample_sequence(rng, tokenizer, train_starts, corrupt_prob, untaught) for _ in range(batch_size)]
+        batch = [sample_sequence(rng, tokenizer, train_starts, corrupt_prob, confused) for _ in range(batch_size)]
         ids = torch.tensor([b[0] for b in batch])  # all examples have the same length
         mask = torch.tensor([b[1] for b in batch], dtype=torch.float32)
         logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
@@ -122,7 +126,7 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "models"))
     parser.add_argument("--teacher-steps", type=int, default=1200)
     parser.add_argument("--student-steps", type=int, default=1200)
-    parser.add_argument("--unknown-entries", type=int, default=4, help="table entries the student is never taught")
+    parser.add_argument("--confused-entries", type=int, default=8, help="table entries the student is taught wrongly")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -133,19 +137,19 @@ def main(argv=None):
     data = build_datasets()
     out = Path(args.output_dir)
     report = {}
-    for kind, steps, seed, untaught in (
-        ("teacher", args.teacher_steps, 0, frozenset()),
-        ("student", args.student_steps, 1, frozenset(unknown_entries(args.unknown_entries))),
+    for kind, steps, seed, confused in (
+        ("teacher", args.teacher_steps, 0, {}),
+        ("student", args.student_steps, 1, confused_entries(args.confused_entries)),
     ):
         if args.only not in (None, kind):
             continue
         start = time.time()
         model, history = train(kind, tokenizer, data, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                               seed=seed, eval_every=args.eval_every, corrupt_prob=0.15, untaught=untaught,
+                               seed=seed, eval_every=args.eval_every, corrupt_prob=0.15, confused=confused,
                                log=lambda msg: print(msg, flush=True))
         model.save_pretrained(out / kind)
         tokenizer.save_pretrained(out / kind)
-        report[kind] = {"history": history, "seconds": round(time.time() - start, 1), "untaught": sorted(untaught),
+        report[kind] = {"history": history, "seconds": round(time.time() - start, 1), "confused": confused,
                         "parameters": sum(p.numel() for p in model.parameters()), "args": vars(args)}
         (out / kind / "training_log.json").write_text(json.dumps(report[kind], indent=1))
     print(json.dumps({k: {"final": v["history"][-1], "seconds": v["seconds"], "parameters": v["parameters"]}
