@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "training), popd-stages")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: 60; quick: 8)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per step (default: 32; quick: 8)")
-    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 10; quick: 4)")
     p.add_argument("--eval-size", type=int, default=None, help="held-out prompts evaluated (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed, e.g. --seeds 0 1 2")
@@ -75,7 +75,13 @@ def load_inputs(args):
     return student, teacher, tokenizer, data["train"], data["test"], args.max_completion_length or max_len
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
+    """Console entry point (`horizon-opd`)."""
+    run(argv)
+
+
+def run(argv=None) -> dict:
+    """Parse `argv`, run the comparison, write results.json and the plot, print the table; return the results."""
     args = parse_args(argv)
     quick = args.quick
     steps = args.steps or (8 if quick else 60)

@@ -1,0 +1,97 @@
+"""The embedded demo task, the bundled models, and the `horizon-opd` command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from horizon_opd import demo
+from horizon_opd.demo.task import (
+    CYCLE_LENGTH,
+    MAX_COMPLETION_LENGTH,
+    NUM_STEPS,
+    NUM_VALUES,
+    SUCCESSOR,
+    accuracy,
+    build_datasets,
+    chain,
+    completion_text,
+    extract_answer,
+)
+
+
+def test_successor_table_is_cycles_of_100_so_chains_never_repeat():
+    assert sorted(SUCCESSOR) == list(range(NUM_VALUES))
+    for start in range(NUM_VALUES):
+        x, seen = start, set()
+        for _ in range(CYCLE_LENGTH):
+            seen.add(x)
+            x = SUCCESSOR[x]
+        assert len(seen) == CYCLE_LENGTH and x == start
+
+
+def test_chain_completion_and_scoring_by_hand():
+    values = chain(5, steps=3)
+    assert values == [SUCCESSOR[5], SUCCESSOR[SUCCESSOR[5]], SUCCESSOR[SUCCESSOR[SUCCESSOR[5]]]]
+    text = completion_text(5, values)
+    assert text == f"005 {values[0]:03d} {values[1]:03d} {values[2]:03d} = {values[2]:03d} "
+    assert extract_answer(text) == f"{values[2]:03d}"
+    assert extract_answer("012 034 =") is None
+    assert accuracy([text, "007 = 099"], [f"{values[2]:03d}", "098"]) == 0.5
+
+
+def test_splits_are_disjoint_prompt_only_and_fit_the_horizon():
+    data = build_datasets()
+    train, test = set(data["train"]["start"]), set(data["test"]["start"])
+    assert len(train) == 300 and len(test) == 100 and not train & test
+    assert data["test"][0]["prompt"][0]["role"] == "user"
+    tokenizer = demo.build_char_tokenizer(number_tokens=NUM_VALUES)
+    start = data["test"][0]["start"]
+    ids = tokenizer(completion_text(start, chain(start)))["input_ids"]
+    assert len(ids) == NUM_STEPS + 1 + 3 and len(ids) + 1 <= MAX_COMPLETION_LENGTH  # + EOS
+    assert 80 <= len(ids) <= 250
+
+
+def test_bundled_models_load_offline_and_differ_in_skill():
+    student, teacher, tokenizer = demo.load_demo_models()
+    assert tokenizer.chat_template and len(tokenizer) == student.config.vocab_size == teacher.config.vocab_size
+    subset = build_datasets()["test"].select(range(40))
+    teacher_acc = demo.evaluate_accuracy(teacher, tokenizer, subset)
+    student_acc = demo.evaluate_accuracy(student, tokenizer, subset)
+    assert teacher_acc >= 0.9, teacher_acc
+    assert student_acc <= teacher_acc - 0.4, (student_acc, teacher_acc)
+
+
+def test_quick_command_writes_results_and_plot(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "horizon_opd.cli", "--quick", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "accuracy_vs_time.png").stat().st_size > 10_000
+    for key in ("teacher_accuracy", "student_accuracy", "machine", "methods"):
+        assert key in results
+    names = [m["name"] for m in results["methods"]]
+    assert names == ["OPD", "TOPD rho=0.1", "TOPD rho=0.5", "POPD linear 0.1->1"]
+    for m in results["methods"]:
+        assert set(m) >= {"name", "horizon", "final_accuracy", "train_seconds", "tokens_generated",
+                          "peak_memory_mb", "curve"}
+        assert 0.0 <= m["final_accuracy"] <= 1.0 and m["train_seconds"] > 0 and m["peak_memory_mb"] > 0
+        assert [p["step"] for p in m["curve"]] == [0, 4, 8]
+        assert all(0.0 <= p["accuracy"] <= 1.0 for p in m["curve"])
+    by_name = {m["name"]: m for m in results["methods"]}
+    # the horizon is the cost: TOPD 0.1 generates at most ceil(0.1 L) tokens per rollout
+    L = results["settings"]["max_completion_length"]
+    steps, batch = results["settings"]["steps"], results["settings"]["batch_size"]
+    assert by_name["TOPD rho=0.1"]["tokens_generated"] <= steps * batch * -(-L // 10)
+    assert by_name["TOPD rho=0.1"]["tokens_generated"] < 0.3 * by_name["OPD"]["tokens_generated"]
+    assert "| OPD |" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", ["opd2", "popd-cosine"])
+def test_unknown_method_is_a_clear_error(bad):
+    from horizon_opd.cli import parse_method
+
+    with pytest.raises(SystemExit, match="unknown method"):
+        parse_method(bad)
