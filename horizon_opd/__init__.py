@@ -5,6 +5,7 @@ from .callbacks import HeldOutEvalCallback
 from .config import HorizonOPDConfig
 from .demo import build_datasets, evaluate_accuracy, generate_completions, load_demo_models
 from .demo.compare import DEFAULT_METHODS, Method, run_method
+from .diagnostics import kl_by_position
 from .export import merge_adapter
 from .horizon import HorizonSchedule, horizon_at, horizon_ratio_at
 from .trainer import HorizonOPDTrainer
@@ -24,6 +25,7 @@ __all__ = [
     "generate_completions",
     "horizon_at",
     "horizon_ratio_at",
+    "kl_by_position",
     "load_demo_models",
     "merge_adapter",
     "run_method",
