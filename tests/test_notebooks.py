@@ -1,0 +1,196 @@
+"""The notebooks in notebooks/: stored without outputs and written against the public API (fast), and each one executed
+top to bottom on the CPU with nbclient, in a temporary working directory, offline (slow).
+
+nbclient runs a real Jupyter kernel, so a notebook is tested as a user runs it (matplotlib's inline backend, display
+outputs, the working directory its relative paths land in); a cell that raises fails the test with its traceback.
+"""
+
+import ast
+import os
+import re
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import horizon_opd
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+# Seconds each notebook may take on a 2-core CPU, kernel start included: 10 minutes for the three together. Measured
+# times are in notebooks/README.md.
+BUDGET_S = {"01_quickstart.ipynb": 120, "02_horizon_study.ipynb": 360, "03_lora_and_hub.ipynb": 120}
+FAKE_TOKEN = "hf_horizonFakeTokenForTheLoopbackHub"
+
+
+def _read(name: str):
+    return nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+
+
+def _code(nb) -> list[str]:
+    # IPython magics and shell escapes are not Python; none of our notebooks needs one, but don't choke on them.
+    return ["\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+            for c in nb.cells if c.cell_type == "code"]
+
+
+# ------------------------------------------------------------------------------------------------------------ fast
+def test_every_notebook_has_a_budget_and_they_fit_in_ten_minutes():
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(BUDGET_S)
+    assert sum(BUDGET_S.values()) <= 600
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_S))
+def test_notebook_is_stored_without_outputs(name):
+    nb = _read(name)
+    nbformat.validate(nb)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name} cell {index} has outputs: strip them"
+    assert "widgets" not in nb.metadata
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_S))
+def test_notebook_uses_only_the_public_api(name):
+    """`from horizon_opd import X` with X in `horizon_opd.__all__`, `demo.X` with X in `horizon_opd.demo.__all__`; no
+    submodule imports (`horizon_opd.demo.compare`, `horizon_opd.trainer`, ...)."""
+    public = {"horizon_opd": set(horizon_opd.__all__) | {"__version__"}, "demo": set(horizon_opd.demo.__all__)}
+    problems = []
+    for source in _code(_read(name)):
+        aliases = {}  # local name -> "horizon_opd" or "demo"
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("horizon_opd"):
+                if node.module != "horizon_opd":
+                    problems.append(f"from {node.module} import ...: import from horizon_opd itself")
+                for alias in node.names:
+                    if alias.name not in public["horizon_opd"]:
+                        problems.append(f"{alias.name} is not in horizon_opd.__all__")
+                    elif alias.name == "demo":
+                        aliases[alias.asname or "demo"] = "demo"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("horizon_opd."):
+                        problems.append(f"import {alias.name}: use the names horizon_opd exports")
+                    elif alias.name == "horizon_opd":
+                        aliases[alias.asname or "horizon_opd"] = "horizon_opd"
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                module = aliases[node.value.id]
+                if node.attr not in public[module]:
+                    problems.append(f"{node.value.id}.{node.attr} is not public ({module}.__all__)")
+    assert not problems, f"{name}: {problems}"
+
+
+# ------------------------------------------------------------------------------------------------------------ slow
+def _kernel_env(workdir: Path, **overrides) -> dict:
+    """The user's environment minus anything that would reach the real Hub, offline, with the inline plot backend."""
+    drop = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "MPLBACKEND")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HOME=str(workdir / ".hf_home"),  # no saved login either
+        TOKENIZERS_PARALLELISM="false", MPLBACKEND="module://matplotlib_inline.backend_inline",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+    )
+    env.update(overrides)
+    return env
+
+
+def _execute(name: str, workdir: Path, env: dict, then=None):
+    """Run every cell of the notebook in one kernel started in `workdir`; a cell that raises raises here
+    (`CellExecutionError`, with the traceback). `then(client, nb)` runs in the same kernel afterwards."""
+    from nbclient import NotebookClient
+
+    nb = _read(name)
+    client = NotebookClient(nb, timeout=BUDGET_S[name], kernel_name="python3",
+                            resources={"metadata": {"path": str(workdir)}})
+    start = time.perf_counter()
+    with client.setup_kernel(env=env):
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+        seconds = time.perf_counter() - start
+        if then is not None:
+            then(client, nb)
+    print(f"{name}: {seconds:.1f} s")
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert seconds <= BUDGET_S[name], f"{name} took {seconds:.0f} s, over its {BUDGET_S[name]} s budget"
+    return nb
+
+
+def _text(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.output_type == "stream" and output.name == "stdout":
+            parts.append(output.text)
+        for mime in ("text/plain", "text/markdown"):
+            parts.append(output.get("data", {}).get(mime, ""))
+    return "".join(parts)
+
+
+def _all_text(nb) -> str:
+    return "".join(_text(c) for c in nb.cells if c.cell_type == "code")
+
+
+def _figures(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def _accuracy(text: str, label: str) -> float:
+    return float(re.search(rf"{label}\s+([0-9.]+)", text).group(1))
+
+
+@pytest.mark.slow
+def test_01_quickstart_runs_and_improves_the_student(tmp_path):
+    nb = _execute("01_quickstart.ipynb", tmp_path, _kernel_env(tmp_path))
+    text = _all_text(nb)
+    before = _accuracy(text, "student accuracy before training")
+    after = _accuracy(text, "student accuracy after training")
+    assert after > before, (before, after)
+    assert _accuracy(text, "reloaded student accuracy") == after  # what was saved is what was evaluated
+    assert "training rollouts stop at 11 of L = 104 tokens" in text
+    assert _figures(nb) == 1
+    assert (tmp_path / "topd-quickstart" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_02_horizon_study_runs_and_draws_its_three_figures(tmp_path):
+    nb = _execute("02_horizon_study.ipynb", tmp_path, _kernel_env(tmp_path))
+    text = _all_text(nb)
+    assert _figures(nb) == 3  # accuracy vs wall-clock, POPD schedule, KL by position
+    for name in ("OPD", "TOPD rho=0.1", "POPD linear 0.1->1"):
+        assert re.search(rf"{re.escape(name)}\s+final accuracy [0-9.]+\s+train seconds", text), name
+        assert re.search(rf"after {re.escape(name)}\s+KL in the first bin", text), name
+    assert "student before training" in text
+
+
+@pytest.mark.slow
+def test_03_lora_and_hub_runs_without_a_token_and_pushes_with_one(tmp_path):
+    """Without HF_TOKEN the push cell only lists the files; then, in the same kernel, with a token it pushes them to a
+    fake Hub on 127.0.0.1 with the real huggingface_hub client (tests/fake_hub.py)."""
+    from fake_hub import USER, FakeHub
+
+    def push_with_a_token(client, nb):
+        push = next(i for i, c in enumerate(nb.cells) if "push" in c.metadata.get("tags", []))
+        assert "HF_TOKEN is not set" in _text(nb.cells[push])
+        nb.cells.append(nbformat.v4.new_code_cell(f"os.environ['HF_TOKEN'] = {FAKE_TOKEN!r}"))
+        nb.cells.append(nbformat.v4.new_code_cell(nb.cells[push].source))
+        for index in (len(nb.cells) - 2, len(nb.cells) - 1):
+            client.execute_cell(nb.cells[index], index)
+
+    with FakeHub() as hub:
+        env = _kernel_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
+                          HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost")
+        for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+            env.pop(proxy, None)
+        nb = _execute("03_lora_and_hub.ipynb", tmp_path, env, then=push_with_a_token)
+
+    text = _all_text(nb)
+    assert "## Distillation setup" in text and "LoRA (r = 16" in text  # the card, displayed
+    assert _accuracy(text, "merged model accuracy") == _accuracy(text, "student accuracy with the trained adapter")
+    assert (tmp_path / "demo-student-topd-merged" / "model.safetensors").is_file()
+
+    assert "pushed to" in _text(nb.cells[-1]), _text(nb.cells[-1])
+    files = hub.repos[f"{USER}/demo-student-topd-lora"]
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert b"## Distillation setup" in files["README.md"]
+    assert not hub.unhandled
