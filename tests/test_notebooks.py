@@ -147,7 +147,8 @@ def test_01_quickstart_runs_and_improves_the_student(tmp_path):
     after = _accuracy(text, "student accuracy after training")
     assert after > before, (before, after)
     assert _accuracy(text, "reloaded student accuracy") == after  # what was saved is what was evaluated
-    assert "training rollouts stop at 11 of L = 104 tokens" in text
+    horizon, L = map(int, re.search(r"training rollouts stop at (\d+) of L = (\d+) tokens", text).groups())
+    assert horizon == -(-L // 10)  # ceil(0.1 L)
     assert _figures(nb) == 1
     assert (tmp_path / "topd-quickstart" / "model.safetensors").is_file()
 
