@@ -133,6 +133,11 @@ def distillation_section(trainer, dataset_name: str | None) -> str:
     return "\n".join(lines)
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repo id ("org/name" or "name") rather than a local path."""
+    return not (os.path.isabs(name) or os.path.exists(name) or name.startswith(".") or name.count("/") > 1)
+
+
 def add_distillation_section(card_path: str, section: str, *, adapter_of: str | None = None) -> ModelCard:
     """Insert `section` into the TRL card at `card_path` (before its framework versions) and save it back. For a LoRA
     adapter, also mark the card as PEFT's so the Hub lists it as an adapter of `adapter_of`."""
@@ -142,7 +147,10 @@ def add_distillation_section(card_path: str, section: str, *, adapter_of: str | 
     if adapter_of is not None:
         card.data.library_name = "peft"
         card.data.pipeline_tag = "text-generation"
-        card.data.tags = sorted(set(card.data.tags or []) | {"lora", f"base_model:adapter:{adapter_of}"})
+        tags = {"lora"}
+        if is_hub_id(adapter_of):  # a local path is no Hub model to link to, and must not leak into a pushed card
+            tags.add(f"base_model:adapter:{adapter_of}")
+        card.data.tags = sorted(set(card.data.tags or []) | tags)
     card.save(card_path)
     return card
 

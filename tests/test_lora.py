@@ -109,3 +109,10 @@ def test_peft_config_on_a_peft_model_names_the_fix(tmp_path, student, teacher, t
                           train_dataset=prompts, processing_class=tokenizer, peft_config=_lora())
     with pytest.raises(TypeError, match=r"has no adapter to merge"):
         merge_adapter(student)
+
+
+def test_adapter_card_links_hub_ids_but_never_local_paths(tmp_path):
+    from horizon_opd.export import is_hub_id
+
+    assert is_hub_id("Qwen/Qwen2.5-1.5B") and is_hub_id("gpt2")
+    assert not is_hub_id(str(tmp_path)) and not is_hub_id("./student") and not is_hub_id("a/b/c")
