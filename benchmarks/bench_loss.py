@@ -1,6 +1,6 @@
 """The distillation loss alone (forward + backward), from hidden states to the student's gradients.
 
-    python benchmarks/bench_loss.py --vocab 151936 --length 2048 --impls horizon --out loss.json
+    python benchmarks/bench_loss.py --shapes 32000:512 151936:2048 --impls horizon --out loss.json
 
 One sequence of `--length` completion positions (batch 1, every position trained on), student and teacher hidden
 states of width `--hidden`, LM heads of `--vocab` rows; the student's hidden states and head take gradients. Each
@@ -13,8 +13,9 @@ implementation starts from the same tensors and includes its own LM-head project
 - `gkd`: the two `[N, V]` logits (`hidden @ head.T`, as the models' `lm_head` computes them) then
   `GKDTrainer.generalized_jsd_loss` with beta=1.
 
-Peak memory is the memory above what the inputs already hold (see `common.PeakMemory`); time is the median of
-`--repeats` calls after one untimed call.
+Peak memory is the memory above what the inputs already hold (see `common.PeakMemory`: the heap is trimmed and the
+high-water mark reset before each measurement, so shapes measured in increasing size in one process are each measured
+on their own); time is that call's, or the median of `--repeats` further calls.
 """
 
 import argparse
@@ -104,11 +105,11 @@ def measure(impl: str, inputs: dict, repeats: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, required=True)
-    parser.add_argument("--length", type=int, required=True)
+    parser.add_argument("--shapes", nargs="+", required=True, metavar="VOCAB:LENGTH",
+                        help="measured in this order, e.g. 32000:512 151936:2048")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=0, help="timed calls after the first (default: time the first)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -117,12 +118,15 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for impl in args.impls:
         loss_fn(impl)  # import everything before any memory is measured
-    inputs = make_inputs(args.vocab, args.length, args.hidden, torch.float32, device)
     results = []
-    for impl in args.impls:
-        result = measure(impl, inputs, args.repeats)
-        result.update(vocab=args.vocab, length=args.length, hidden=args.hidden)
-        results.append(result)
+    for shape in args.shapes:
+        vocab, length = map(int, shape.split(":"))
+        inputs = make_inputs(vocab, length, args.hidden, torch.float32, device)
+        for impl in args.impls:
+            result = measure(impl, inputs, args.repeats)
+            result.update(vocab=vocab, length=length, hidden=args.hidden)
+            results.append(result)
+        del inputs
     common.write_json(args.out, {"kind": "loss", "machine": common.machine(), "results": results})
 
 

@@ -39,8 +39,8 @@ class Preset:
 
 
 PRESETS = {
-    # The CPU bars: an ~11M-parameter student distilled from a ~23M teacher, a 32k vocabulary, L = 512.
-    "cpu": Preset("cpu", 32000, (256, 4, 768, 4, 2), (384, 6, 1152, 6, 2), 8, 512, 32),
+    # The CPU bars: an ~11M-parameter student distilled from a ~23M teacher, a 32k vocabulary, batch 4, L = 512.
+    "cpu": Preset("cpu", 32000, (256, 4, 768, 4, 2), (384, 6, 1152, 6, 2), 4, 512, 32),
     # `--quick`: the same code paths on shapes that take milliseconds.
     "quick": Preset("quick", 512, (64, 2, 128, 2, 1), (96, 2, 192, 2, 1), 2, 32, 12),
     # `gpu.py`: Qwen2.5-1.5B shapes (student and teacher), random weights, bf16, batch 8; L is set per run.

@@ -15,12 +15,13 @@ METHOD = {
                          "HorizonOPDTrainer configurations",
     "memory_cpu": "peak RSS above the RSS before the models were built (all libraries already imported): VmHWM, "
                   "reset via /proc/self/clear_refs, minus that baseline",
-    "isolation": "full run: every step configuration and every (loss, vocab, length) in its own fresh process, run "
+    "isolation": "full run: every step configuration and every loss implementation in its own fresh process, run "
                  "one after the other; --quick: one process for all step configurations and one for all losses",
     "memory_gpu": "torch.cuda.max_memory_allocated after reset_peak_memory_stats",
     "loss": "batch 1, every position trained on, student and teacher hidden width `hidden`; each implementation "
             "includes its LM-head projection; forward + backward of one call after a tiny warm-up call; memory above "
-            "the inputs; each (implementation, vocab, length) in its own process",
+            "the inputs (heap trimmed and high-water mark reset before each shape); each implementation in its own "
+            "process, shapes in increasing size",
     "generation_floor": "model.generate on the same prompts, batch and sampling settings (temperature 1, top-k 0, "
                         "top-p 1, KV cache); median over repeats after a warm-up call",
     "tokens": "generated completion tokens per step (up to and including EOS), summed over the batch",
@@ -127,7 +128,8 @@ def markdown(result: dict) -> str:
     title = "Quick smoke run (tiny shapes: the numbers mean nothing)" if result.get("quick") else "Benchmark"
     lines += [f"### {title} — {result.get('date', '')}", "",
               f"Machine: {machine_line(result.get('machine'))}. Command: `{result.get('command', '')}` "
-              f"({result.get('run_time_s', 0) / 60:.1f} min).", ""]
+              f"({sum((result.get('child_time_s') or {}).values()) / 60:.1f} min of measurement, "
+              f"{result.get('run_time_s', 0) / 60:.1f} min wall clock).", ""]
     if preset:
         s, t = preset["student"], preset["teacher"]
         params = next(iter(result.get("steps", {}).values()), {}).get("params", {})

@@ -13,8 +13,8 @@ One invocation measures, with the same models, prompts, batch and seed:
 3. the loss alone at vocabularies 32k / 49k / 152k and 512 / 2048 completion positions: HorizonOPDTrainer's loss,
    TRL's chunked distillation loss and GKD's `generalized_jsd_loss` (`bench_loss.py`).
 
-Each measurement runs in a fresh child process, one after the other, so every peak-memory figure is that
-configuration's own. This process never imports torch: with `--lock FILE` it holds an exclusive `flock` on FILE for
+Each step configuration, and each loss implementation, runs in a fresh child process, one after the other, so every
+peak-memory figure is that configuration's own. This process never imports torch: with `--lock FILE` it holds an exclusive `flock` on FILE for
 each child only (on a shared machine, so no other torch job runs while one is timed, and none waits for the whole run).
 It writes `latest.json` (raw figures, method, machine and the `bars` ratios), `latest.md` (the tables) and
 `latest.png`.
@@ -43,7 +43,7 @@ LOSS_IMPLS = ["horizon", "trl_chunked", "gkd"]
 FULL = {
     "preset": "cpu", "warmup": 1, "steps": 3, "generate_repeats": 2,
     "loss_vocabs": [32000, 49152, 151936], "loss_lengths": [512, 2048], "loss_hidden": 256,
-    "isolate": True,  # one process per configuration
+    "isolate": True,  # one process per step configuration and per loss implementation
 }
 QUICK = {
     "preset": "quick", "warmup": 1, "steps": 2, "generate_repeats": 1,
@@ -115,18 +115,18 @@ def main(argv=None):
             result["generate"] = out["results"]
 
     if "loss" in args.only:
-        for vocab in plan["loss_vocabs"]:
-            for length in plan["loss_lengths"]:
-                groups = [[i] for i in LOSS_IMPLS] if plan["isolate"] else [LOSS_IMPLS]
-                for group in groups:
-                    out = runner.child("bench_loss.py", f"loss_{vocab}_{length}_{'+'.join(group)}", [
-                        "--vocab", str(vocab), "--length", str(length), "--hidden", str(plan["loss_hidden"]),
-                        "--impls", *group, "--repeats", "0"])
-                    if out is None:
-                        result["errors"].append(f"loss {vocab} {length} {group}: see {work}")
-                        continue
-                    result.setdefault("machine", out["machine"])
-                    result["loss"].extend(out["results"])
+        # smallest first: every measurement starts from a trimmed heap and a reset high-water mark (common.PeakMemory)
+        shapes = sorted(((v, k) for v in plan["loss_vocabs"] for k in plan["loss_lengths"]), key=lambda s: s[0] * s[1])
+        groups = [[i] for i in LOSS_IMPLS] if plan["isolate"] else [LOSS_IMPLS]
+        for group in groups:
+            out = runner.child("bench_loss.py", f"loss_{'+'.join(group)}", [
+                "--shapes", *(f"{v}:{k}" for v, k in shapes), "--hidden", str(plan["loss_hidden"]),
+                "--impls", *group])
+            if out is None:
+                result["errors"].append(f"loss {group}: see {work}")
+                continue
+            result.setdefault("machine", out["machine"])
+            result["loss"].extend(out["results"])
 
     result["run_time_s"] = time.perf_counter() - started
     result["child_time_s"] = runner.child_seconds
