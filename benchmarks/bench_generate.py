@@ -60,7 +60,7 @@ def main(argv=None):
         results.append({"horizon": horizon, "batch_size": preset.batch_size, "time_s": median(times),
                         "tokens": median(tokens), "tokens_per_s": median(tokens) / median(times), "times_s": times})
     common.write_json(args.out, {"kind": "generate", "preset": common.preset_dict(preset),
-                                 "machine": common.machine(), "results": results})
+                                 "machine": common.machine_info(), "results": results})
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ implementation starts from the same tensors and includes its own LM-head project
 - `gkd`: the two `[N, V]` logits (`hidden @ head.T`, as the models' `lm_head` computes them) then
   `GKDTrainer.generalized_jsd_loss` with beta=1.
 
-Peak memory is the memory above what the inputs already hold (see `common.PeakMemory`: the heap is trimmed and the
-high-water mark reset before each measurement, so shapes measured in increasing size in one process are each measured
-on their own); time is that call's, or the median of `--repeats` further calls.
+Peak memory is the memory above what the inputs already hold (`horizon_opd.demo.measure.PeakRSS`: the heap is
+trimmed and the high-water mark reset before each measurement, so shapes measured in increasing size in one process
+are each measured on their own); time is that call's, or the median of `--repeats` further calls.
 """
 
 import argparse
@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from common import PeakMemory, median, now  # noqa: E402
+from common import PeakRSS, median, now  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -94,13 +94,14 @@ def measure(impl: str, inputs: dict, repeats: int) -> dict:
     # A tiny call first loads the code the big one runs (code pages count in RSS too).
     tiny = {k: (v[:, :4] if k in ("h_s", "h_t", "mask") else v) for k, v in inputs.items()}
     fn(**tiny).backward()
-    memory = PeakMemory().start()
-    value, first = call()
-    peak = memory.increase_mb()
+    with PeakRSS() as memory:
+        value, first = call()
+    figures = common.memory_figures(memory)
     times = [call()[1] for _ in range(repeats)]
     inputs["h_s"].grad = inputs["w_s"].grad = None
-    return {"impl": impl, "loss": value, "peak_memory_mb": peak, "time_s": median(times) if times else first,
-            "first_call_s": first, "times_s": times, "memory_method": memory.method}
+    return {"impl": impl, "loss": value, "peak_memory_mb": figures["peak_memory_increase_mb"],
+            "time_s": median(times) if times else first, "first_call_s": first, "times_s": times,
+            "memory_method": figures["memory_method"]}
 
 
 def main(argv=None):
@@ -127,7 +128,7 @@ def main(argv=None):
             result.update(vocab=vocab, length=length, hidden=args.hidden)
             results.append(result)
         del inputs
-    common.write_json(args.out, {"kind": "loss", "machine": common.machine(), "results": results})
+    common.write_json(args.out, {"kind": "loss", "machine": common.machine_info(), "results": results})
 
 
 if __name__ == "__main__":

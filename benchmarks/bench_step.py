@@ -3,36 +3,44 @@
     python benchmarks/bench_step.py --preset cpu --configs full --out step_full.json
 
 Every configuration trains the same student from the same teacher on the same prompts, batch and seed, for a warm-up
-step and then `--steps` measured steps (the median is reported). The step is split by wrapping the trainer's methods
-(nothing is changed in what they compute):
+step and then `--steps` measured steps (the median is reported). The step is split by one hook, `StepTimer`, which
+reads the time at public seams only — Trainer callbacks, `nn.Module` forward hooks, tensor gradient hooks — and
+replaces no method or function of the trainers:
 
-- `generation`: the rollout (`_generate_single_turn` for TRL's `DistillationTrainer` and `HorizonOPDTrainer`,
-  `generate_on_policy_outputs` for GKD);
-- `teacher_forward`, `student_forward`: the two backbones on prompt + completion (for GKD the student forward also
-  projects every position through the LM head, because `GKDTrainer` calls the whole model);
-- `loss_forward`: the divergence function (`_chunked_divergence_loss`, `reverse_kl_per_token`,
-  `generalized_jsd_loss`); the chunked kernels project through both LM heads inside it;
-- `loss_backward`: backward from the loss to the student's hidden states (GKD: to its logits), marked by a gradient
-  hook; `student_backward`: the rest of the backward pass;
-- `optimizer`: gradient clipping, `optimizer.step`, the LR scheduler and `zero_grad`;
-- `overhead`: the step's wall clock minus all of the above (tokenising, padding, batching, logging, metrics...).
+- `generation` (the rollout): from `on_step_begin` to the first forward of the training pass (the student with
+  gradients on, or the teacher): collating, tokenising, `generate`, masking and padding — what TRL's
+  `_prepare_inputs` covers (GKD: its `generate_on_policy_outputs`);
+- `teacher_forward`, `student_forward`: forward hooks on the two backbones (`model.base_model`, as TRL calls them;
+  for GKD the whole models, because `GKDTrainer` calls them with their LM heads);
+- `loss`: the divergence, forward and backward: from the end of the last backbone forward until the gradient reaches
+  the student's last hidden states (GKD: its logits; a tensor hook). The chunked kernels project through both LM
+  heads inside it. No public seam marks where backward starts inside `training_step` (`accelerator.backward(loss)`
+  has no callback), so forward and backward are one figure; `bench_loss.py` times the loss alone;
+- `student_backward`: the rest of the backward, until the last student parameter's gradient is accumulated
+  (`register_post_accumulate_grad_hook`);
+- `optimizer`: from there to `on_step_end`: gradient clipping, `optimizer.step`, the LR scheduler and `zero_grad`;
+- `overhead`: the step's wall clock minus all of the above (fetching the batch, metrics, logging...).
 
 The step's wall clock is the time between consecutive `on_step_end` callbacks, so it covers the whole training loop.
+TRL's own `profiling_context` timers report only to wandb / MLflow / Trackio (none is installed here, and GKDTrainer
+has none), so they cannot be read; TRL's `step_time` metric (the `training_step` call) is read from the log history
+and stored next to each step as `training_step`, a cross-check of the breakdown.
 """
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 import time
 import warnings
-from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets the offline environment before transformers is imported)
-from common import PRESETS, PeakMemory, median, now  # noqa: E402
+from common import PRESETS, PeakRSS, median, now  # noqa: E402
 
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 CONFIGS = {
     "trl_distillation": {"trainer": "trl"},
@@ -49,130 +57,134 @@ CONFIGS = {
                          "start_fraction": 0.75},
 }
 MAX_STEPS = 100  # the schedule's length; training is stopped after the measured steps
-SEGMENTS = ("generation", "teacher_forward", "student_forward", "loss_forward", "loss_backward", "student_backward",
-            "optimizer")
+SEGMENTS = ("generation", "teacher_forward", "student_forward", "loss", "student_backward", "optimizer")
 
 
-class StepClock:
-    """Per-step sums of the segments above, filled by the wrappers that `instrument` installs."""
+class StepTimer(TrainerCallback):
+    """Times the parts of every optimizer step (see the module docstring) and counts its generated tokens.
 
-    def __init__(self):
-        self.current = defaultdict(float)
-        self.steps = []
-        self.in_generation = False
-        self.backward_start = None
-        self.hook_time = None
+    Installs forward hooks on the two backbones and post-accumulate-grad hooks on the student's parameters; they only
+    read the clock (after a device sync), so what the trainer computes is unchanged. Stops training after
+    `total_steps` steps. `records` holds one dict per step."""
 
-    def add(self, name, seconds):
-        self.current[name] += seconds
+    def __init__(self, trainer, kind: str, prompt_tokens: int, total_steps: int):
+        self.trainer, self.kind, self.prompt_tokens, self.total_steps = trainer, kind, prompt_tokens, total_steps
+        self.records = []
+        self.step = None  # the current step's marks; None between steps
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        # TRL and HorizonOPDTrainer run the backbones and project through the LM heads inside the loss; GKD calls the
+        # whole models.
+        student_part, teacher_part = (student, teacher) if kind == "gkd" else (student.base_model, teacher.base_model)
+        student_part.register_forward_pre_hook(self._student_starts, with_kwargs=True)
+        student_part.register_forward_hook(self._student_ends)
+        teacher_part.register_forward_pre_hook(self._teacher_starts)
+        teacher_part.register_forward_hook(self._teacher_ends)
+        self.parameters = [p for p in student.parameters() if p.requires_grad]
+        for parameter in self.parameters:
+            parameter.register_post_accumulate_grad_hook(self._gradient_accumulated)
 
-    def timed(self, name, fn, generation=False):
-        def wrapper(*args, **kwargs):
-            start = now()
-            self.in_generation = generation
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                self.in_generation = False
-                self.add(name, now() - start)
-            if generation:
-                self.add("tokens", _count_tokens(out))
-            return out
+    # ------------------------------------------------------------------------------------------- callbacks
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_end = now()
 
-        return wrapper
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = {"begin": now(), "tokens": 0, "student_forward": 0.0, "teacher_forward": 0.0,
+                     "training_start": None, "forward_end": None, "open": {}, "loss_done": None, "gradients": 0,
+                     "backward_end": None}
 
-    def mark_loss_backward_done(self, grad):
-        if self.hook_time is None:
-            self.hook_time = now()
+    def on_step_end(self, args, state, control, **kwargs):
+        end, s = now(), self.step
+        backward_end = s["backward_end"]
+        record = {
+            "global_step": state.global_step,
+            "horizon": self._horizon(args),
+            "tokens": s["tokens"],
+            "step": end - self.last_end,
+            "generation": _span(s["begin"], s["training_start"]),
+            "teacher_forward": s["teacher_forward"],
+            "student_forward": s["student_forward"],
+            "loss": _span(s["forward_end"], s["loss_done"]),
+            "student_backward": _span(s["loss_done"], backward_end),
+            "optimizer": _span(backward_end, end),
+        }
+        record["overhead"] = record["step"] - sum(record[k] for k in SEGMENTS)
+        self.records.append(record)
+        self.step = None
+        self.last_end = now()
+        if len(self.records) >= self.total_steps:
+            control.should_training_stop = True
 
+    def _horizon(self, args) -> int:
+        if self.kind == "horizon":  # HorizonOPDTrainer records the horizon every step used
+            return self.trainer.horizon_history[-1]
+        return args.max_new_tokens if self.kind == "gkd" else args.max_completion_length  # TRL: always L
 
-def _count_tokens(out) -> int:
-    if isinstance(out, list):  # DistillationTrainer: one list of completion ids per prompt
-        return sum(len(ids) for ids in out)
-    _, attention_mask, labels = out  # GKD: (ids, attention_mask, labels); labels are -100 outside the completion
-    return int((labels != -100).sum())
+    # ------------------------------------------------------------------------------------------- hooks
+    def _training_pass(self) -> bool:
+        return self.step is not None and torch.is_grad_enabled()
 
+    def _starts_training_pass(self, t: float) -> None:
+        if self.step["training_start"] is None:
+            self.step["training_start"] = t
 
-def instrument(trainer, kind: str, clock: StepClock):
-    """Wrap the trainer's methods so every segment of a step is timed; returns a function that undoes the one
-    module-level patch (the loss function, which the trainers look up as a module global)."""
-    undo = lambda: None  # noqa: E731
-    if kind == "gkd":
-        trainer.generate_on_policy_outputs = clock.timed("generation", trainer.generate_on_policy_outputs, True)
-        trainer.generalized_jsd_loss = clock.timed("loss_forward", trainer.generalized_jsd_loss)
-        _time_module(trainer.model, "student_forward", clock, grad_hook=lambda out: out.logits)
-        _time_module(trainer.teacher_model, "teacher_forward", clock)
-    else:
-        generate = clock.timed("generation", trainer._generate_single_turn, True)
+    def _student_starts(self, module, args, kwargs):
+        if not self._training_pass():  # the rollout's forwards run without gradients
+            return
+        t = now()
+        self._starts_training_pass(t)
+        self.step["open"]["student"] = t
+        mask = kwargs.get("attention_mask")
+        if mask is not None:  # every prompt has exactly `prompt_tokens` tokens, so the rest are generated ones
+            self.step["tokens"] += int(mask.sum()) - mask.size(0) * self.prompt_tokens
 
-        def generate_single_turn(*args, **kwargs):
-            clock.current["horizon"] = trainer.current_horizon() if kind == "horizon" else trainer.max_completion_length
-            return generate(*args, **kwargs)
+    def _student_ends(self, module, args, output):
+        if not self._training_pass() or "student" not in self.step["open"]:
+            return
+        t = now()
+        self.step["student_forward"] += t - self.step["open"].pop("student")
+        self.step["forward_end"] = max(t, self.step["forward_end"] or t)
+        (output.logits if self.kind == "gkd" else output.last_hidden_state).register_hook(self._loss_gradient)
 
-        trainer._generate_single_turn = generate_single_turn
-        original = trainer._get_last_hidden_state
+    def _teacher_starts(self, module, args):
+        if self.step is None:
+            return
+        t = now()
+        self._starts_training_pass(t)
+        self.step["open"]["teacher"] = t
 
-        def last_hidden_state(unwrapped_model, *args, **kwargs):
-            is_teacher = unwrapped_model is trainer.accelerator.unwrap_model(trainer.teacher_model)
-            start = now()
-            hidden = original(unwrapped_model, *args, **kwargs)
-            clock.add("teacher_forward" if is_teacher else "student_forward", now() - start)
-            if hidden.requires_grad:
-                hidden.register_hook(clock.mark_loss_backward_done)
-            return hidden
+    def _teacher_ends(self, module, args, output):
+        if self.step is None or "teacher" not in self.step["open"]:
+            return
+        t = now()
+        self.step["teacher_forward"] += t - self.step["open"].pop("teacher")
+        self.step["forward_end"] = max(t, self.step["forward_end"] or t)
 
-        trainer._get_last_hidden_state = last_hidden_state
-        if kind == "trl":
-            import trl.trainer.distillation_trainer as module
+    def _loss_gradient(self, grad):
+        if self.step is not None and self.step["loss_done"] is None:
+            self.step["loss_done"] = now()
 
-            attribute = "_chunked_divergence_loss"
-        else:
-            import horizon_opd.trainer as module
-
-            attribute = "reverse_kl_per_token"
-        loss_fn = getattr(module, attribute)
-        setattr(module, attribute, clock.timed("loss_forward", loss_fn))
-        undo = lambda: setattr(module, attribute, loss_fn)  # noqa: E731
-
-    backward = trainer.accelerator.backward
-
-    def timed_backward(loss, **kwargs):
-        clock.hook_time = None
-        start = now()
-        backward(loss, **kwargs)
-        end = now()
-        split = clock.hook_time if clock.hook_time is not None else start
-        clock.add("loss_backward", split - start)
-        clock.add("student_backward", end - split)
-
-    trainer.accelerator.backward = timed_backward
-
-    training_step = trainer.training_step
-
-    def timed_training_step(*args, **kwargs):
-        out = training_step(*args, **kwargs)
-        clock.training_step_end = now()
-        return out
-
-    trainer.training_step = timed_training_step
-    return undo
+    def _gradient_accumulated(self, parameter):
+        if self.step is None:
+            return
+        self.step["gradients"] += 1
+        # sync (on GPU) only for the last parameter: one wait per backward, not one per parameter
+        last = self.step["gradients"] == len(self.parameters)
+        self.step["backward_end"] = now() if last else time.perf_counter()
 
 
-def _time_module(module, name, clock, grad_hook=None):
-    starts = {}
+def _span(start, end) -> float:
+    return end - start if start is not None and end is not None else math.nan
 
-    def pre(mod, args, kwargs):
-        if not clock.in_generation:
-            starts[id(mod)] = now()
 
-    def post(mod, args, kwargs, output):
-        if not clock.in_generation and id(mod) in starts:
-            clock.add(name, now() - starts.pop(id(mod)))
-            if grad_hook is not None and torch.is_grad_enabled():
-                grad_hook(output).register_hook(clock.mark_loss_backward_done)
+class FastForward(TrainerCallback):
+    """Starts training at `global_step = start_step`, as a resumed run would be, to measure a late schedule stage."""
 
-    module.register_forward_pre_hook(pre, with_kwargs=True)
-    module.register_forward_hook(post, with_kwargs=True)
+    def __init__(self, start_step: int):
+        self.start_step = start_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.global_step = self.start_step
 
 
 def make_trainer(name: str, preset, tokenizer, output_dir: str):
@@ -220,64 +232,38 @@ def make_trainer(name: str, preset, tokenizer, output_dir: str):
 
 
 def run_config(name: str, preset, tokenizer, warmup: int, steps: int) -> dict:
-    from transformers import TrainerCallback
-
-    memory = PeakMemory().start()
-    clock = StepClock()
-    with tempfile.TemporaryDirectory() as output_dir:
+    with PeakRSS() as memory, tempfile.TemporaryDirectory() as output_dir:
         trainer, kind, start_step, params = make_trainer(name, preset, tokenizer, output_dir)
-        undo = instrument(trainer, kind, clock)
-        total = warmup + steps
-
-        class Recorder(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                state.global_step = start_step  # fast-forward into the schedule, as a resumed run would be
-                self.last = now()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                end = now()
-                record = dict(clock.current)
-                record["optimizer"] = end - clock.training_step_end
-                record["step"] = end - self.last
-                record["overhead"] = record["step"] - sum(record.get(s, 0.0) for s in SEGMENTS)
-                record.setdefault("horizon", preset.max_completion_length)
-                clock.steps.append(record)
-                clock.current = defaultdict(float)
-                self.last = now()
-                if len(clock.steps) >= total:
-                    control.should_training_stop = True
-
-        trainer.add_callback(Recorder())
+        timer = StepTimer(trainer, kind, preset.prompt_tokens, warmup + steps)
+        trainer.add_callback(FastForward(start_step))
+        trainer.add_callback(timer)
         wall = time.perf_counter()
-        try:
-            trainer.train()
-        finally:
-            undo()
+        trainer.train()
         wall = time.perf_counter() - wall
-        peak, increase = memory.peak_mb(), memory.increase_mb()
-        horizon_seen = [s["horizon"] for s in clock.steps]
+        # TRL's own `step_time` metric (the `training_step` call), logged every step (logging_steps=1)
+        trl_step_time = {e["step"]: e["step_time"] for e in trainer.state.log_history if "step_time" in e}
         del trainer
-    measured = clock.steps[warmup:]
-    keys = ("step", *SEGMENTS, "overhead", "tokens")
+    records = timer.records
+    for record in records:
+        record["training_step"] = trl_step_time.get(record["global_step"], math.nan)
+    measured = records[warmup:]
+    keys = ("step", *SEGMENTS, "overhead", "tokens", "training_step")  # training_step: NaN for GKD (no metric)
     result = {
         "config": name,
         "trainer": {"trl": "trl.DistillationTrainer", "gkd": "trl.experimental.gkd.GKDTrainer",
                     "horizon": "HorizonOPDTrainer"}[kind],
         "spec": CONFIGS[name],
         "params": params,
-        "horizon_tokens": measured[0]["horizon"] if kind == "horizon" else preset.max_completion_length,
-        "horizons_seen": horizon_seen,
+        "horizon_tokens": measured[0]["horizon"],
+        "horizons_seen": [r["horizon"] for r in records],
         "warmup_steps": warmup,
         "measured_steps": len(measured),
-        "median": {k: median([s.get(k, 0.0) for s in measured]) for k in keys},
+        "median": {k: median([r[k] for r in measured]) for k in keys},
         "steps": measured,
-        "peak_memory_mb": peak,
-        "peak_memory_increase_mb": increase,
-        "baseline_memory_mb": memory.baseline_mb,
-        "memory_method": memory.method,
+        **common.memory_figures(memory),
         "train_wall_s": wall,
     }
-    result["median"]["overhead_fraction"] = median([s["overhead"] / s["step"] for s in measured])
+    result["median"]["overhead_fraction"] = median([r["overhead"] / r["step"] for r in measured])
     return result
 
 
@@ -312,7 +298,7 @@ def main(argv=None):
     import horizon_opd  # noqa: F401
 
     results = [run_config(name, preset, tokenizer, args.warmup, args.steps) for name in args.configs]
-    common.write_json(args.out, {"kind": "step", "preset": common.preset_dict(preset), "machine": common.machine(),
+    common.write_json(args.out, {"kind": "step", "preset": common.preset_dict(preset), "machine": common.machine_info(),
                                  "results": results})
 
 

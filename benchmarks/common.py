@@ -1,13 +1,13 @@
-"""What every benchmark child shares: model presets, a synthetic tokenizer, prompts, memory probes and the machine.
+"""What every benchmark child shares: model presets, a synthetic tokenizer, prompts and timing.
 
 Imported only by the child scripts (`bench_step.py`, `bench_loss.py`, `bench_generate.py`): `run.py` and `gpu.py`
-never import torch, so they can hold a lock per child and measure nothing themselves.
+never import torch, so they can hold a lock per child and measure nothing themselves. The memory probe and the
+machine's description are the library's (`horizon_opd.demo.measure`), shared with the demo's comparison.
 """
 
-import gc
 import json
+import math
 import os
-import platform
 import random
 import sys
 import time
@@ -22,6 +22,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from horizon_opd.demo.measure import PeakRSS, machine_info  # noqa: E402,F401  (re-exported for the children)
 
 
 @dataclass(frozen=True)
@@ -109,102 +111,6 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ------------------------------------------------------------------------------------------------ memory
-class PeakMemory:
-    """Peak memory of a region, as the bars define it.
-
-    CPU: the process's resident-set high-water mark (VmHWM) minus the RSS at `start()`. `start()` resets the
-    high-water mark to the current RSS (Linux `/proc/self/clear_refs`, value 5), so a region is measured on its own
-    even after an earlier, larger one in the same process. Without that reset (non-Linux) the peak is the process's
-    `ru_maxrss`, which is exact only for the first region of a fresh process — `run.py` gives each measured
-    configuration its own process for that reason.
-    GPU: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`: tensors only, absolute.
-    """
-
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-        self.baseline_mb = 0.0
-
-    def start(self) -> "PeakMemory":
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline_mb = torch.cuda.memory_allocated() / 2**20
-        else:
-            _malloc_trim()
-            self.resettable = _reset_hwm()
-            self.baseline_mb = current_rss_mb()
-        return self
-
-    def peak_mb(self) -> float:
-        """Absolute peak since `start()` (GPU: allocated tensors; CPU: RSS)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() / 2**20
-        return hwm_rss_mb()
-
-    def increase_mb(self) -> float:
-        return self.peak_mb() - self.baseline_mb
-
-    @property
-    def method(self) -> str:
-        if self.cuda:
-            return "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
-        return "VmHWM (reset via /proc/self/clear_refs) minus RSS at the start" if getattr(
-            self, "resettable", False) else "ru_maxrss minus RSS at the start (fresh process)"
-
-
-def _status_kb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def current_rss_mb() -> float:
-    kb = _status_kb("VmRSS")
-    if kb is not None:
-        return kb / 1024
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def hwm_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
-    if kb is not None:
-        return kb / 1024
-    import resource
-
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max_rss / 2**20 if sys.platform == "darwin" else max_rss / 1024  # bytes on macOS, KiB on Linux
-
-
-def _malloc_trim() -> None:
-    """Give the heap's free memory back to the OS, so a region after a bigger one starts from a clean heap."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ------------------------------------------------------------------------------------------------ timing
 def sync():
     if torch.cuda.is_available():
@@ -218,6 +124,10 @@ def now() -> float:
 
 
 def median(values):
+    """The median; NaN if any value is NaN (a mark that was never reached must not vanish into a median)."""
+    values = list(values)
+    if any(math.isnan(v) for v in values):
+        return math.nan
     values = sorted(values)
     if not values:
         return float("nan")
@@ -225,44 +135,15 @@ def median(values):
     return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
-# ------------------------------------------------------------------------------------------------ machine
-def machine() -> dict:
-    """The facts a reader needs to compare two result files."""
-    import transformers
-    import trl
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    ram_gb = None
-    try:
-        with open("/proc/meminfo") as f:
-            ram_gb = round(int(f.readline().split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "ram_gb": ram_gb,
-        "device": "cpu",
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(device="cuda", gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
-    return info
+def memory_figures(memory: PeakRSS) -> dict:
+    """The peak-memory fields of a result from a finished probe: on GPU the allocated tensors, on CPU the RSS; the
+    bars use `peak_memory_increase_mb`, the peak above the probe's entry."""
+    if memory.peak_cuda is not None:
+        return {"peak_memory_mb": memory.peak_cuda, "peak_memory_increase_mb": memory.peak_cuda - memory.baseline_cuda,
+                "baseline_memory_mb": memory.baseline_cuda,
+                "memory_method": "torch.cuda.max_memory_allocated after reset_peak_memory_stats"}
+    return {"peak_memory_mb": memory.peak, "peak_memory_increase_mb": memory.increase,
+            "baseline_memory_mb": memory.baseline, "memory_method": memory.method + ", minus the RSS at entry"}
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -9,7 +9,7 @@ For each L and each configuration (`full`, `truncated_0.1`, `progressive_first`,
 student (hidden 1536, 28 layers, vocab 151936) from a teacher of the same shape for a warm-up step and `--steps`
 measured steps, with `transformers` generation. It records the median step time, its breakdown, and
 `torch.cuda.max_memory_allocated` (after `reset_peak_memory_stats`), plus the device. Writes
-`results/gpu.{json,md,png}` (`results/tmp/gpu_tiny.*` with `--tiny`).
+`results/gpu.{json,md,png}` (`results/tmp/gpu_tiny.*` with `--tiny`) through `report.write`.
 
 Time: a rollout of L tokens takes roughly L x the per-token decode latency of `model.generate` (tens of ms for a
 1.5B model without vLLM), so a full-horizon step at L = 8192 takes minutes; `truncated_0.1` about a tenth of that.
@@ -18,7 +18,6 @@ This process never imports torch; `--lock FILE` holds an flock on FILE while eac
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     runner = Runner(work, args.lock, None)
     started = time.perf_counter()
-    result = {"schema": 1, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    result = {"schema": report.SCHEMA, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python", "benchmarks/gpu.py", *(argv if argv is not None else sys.argv[1:])]),
               "preset": preset, "lengths": lengths, "runs": [], "errors": []}
     for length in lengths:
@@ -72,57 +71,8 @@ def main(argv=None):
                                    "tokens": item["median"]["tokens"], "peak_memory_mb": item["peak_memory_mb"],
                                    "memory_method": item["memory_method"], "median": item["median"]})
     result["run_time_s"] = time.perf_counter() - started
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, name)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(result))
-    try:
-        plot(result, stem + ".png")
-    except Exception as error:
-        result["errors"].append(f"plot: {error!r}")
-    print(markdown(result))
+    print(report.write(result, os.path.join(args.out_dir, name), "gpu"))
     return 1 if result["errors"] else 0
-
-
-def markdown(result: dict) -> str:
-    lines = [f"### GPU benchmark — {result['date']}", "",
-             f"Device: {report.machine_line(result.get('machine'))}. Command: `{result['command']}` "
-             f"({result['run_time_s'] / 60:.1f} min). Models: `{result['preset']}` shapes, random weights.", "",
-             "| L | configuration | horizon | tokens/step | step (s) | rollout (s) | peak memory (MB) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result["runs"]:
-        lines.append(f"| {r['L']} | {report.LABELS.get(r['config'], r['config'])} | {r['horizon_tokens']} | "
-                     f"{r['tokens']:.0f} | {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['peak_memory_mb']:.0f} |")
-    if result["runs"]:
-        lines += ["", f"Peak memory: {result['runs'][0]['memory_method']}.", ""]
-    if result["errors"]:
-        lines += ["Errors: " + "; ".join(result["errors"]), ""]
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for config in dict.fromkeys(r["config"] for r in result["runs"]):
-        runs = sorted((r for r in result["runs"] if r["config"] == config), key=lambda r: r["L"])
-        label = report.LABELS.get(config, config)
-        left.plot([r["L"] for r in runs], [r["step_s"] for r in runs], "o-", label=label)
-        right.plot([r["L"] for r in runs], [r["peak_memory_mb"] / 1024 for r in runs], "o-", label=label)
-    for ax, ylabel in ((left, "seconds per step (median)"), (right, "peak memory (GiB)")):
-        ax.set_xlabel("full horizon L (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{result['preset']} — {report.machine_line(result.get('machine'))}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""Bars, markdown tables and the plot of a benchmark result (torch-free, so `run.py` and `gpu.py` can use it)."""
+"""The one report writer of the benchmarks: bars, markdown tables and plots of `run.py`'s and `gpu.py`'s results, and
+the files they are written to (torch-free, so neither script imports torch)."""
 
+import json
 import math
+import os
+import re
 
 METHOD = {
     "step_time": "wall clock between consecutive on_step_end callbacks (the whole training loop), median over the "
                  "measured steps after a warm-up step; batch = one generation batch, gradient_accumulation_steps=1",
-    "breakdown": "trainer methods wrapped with timers: generation = the rollout call; teacher/student forward = the "
-                 "backbones (GKD's student forward includes its LM head); loss_forward = the divergence function "
-                 "(the chunked kernels project through both LM heads inside it); loss_backward = backward until the "
-                 "student's hidden states (GKD: logits) receive their gradient; student_backward = the rest of the "
-                 "backward; optimizer = clipping + optimizer.step + scheduler + zero_grad; overhead = step minus all "
-                 "of these",
+    "breakdown": "read at public seams by one hook (bench_step.StepTimer: Trainer callbacks, forward hooks, gradient "
+                 "hooks; no method replaced): generation = the rollout, from on_step_begin to the training pass's "
+                 "first forward (tokenising, generate, masking, padding); teacher/student forward = the backbones "
+                 "(GKD: the whole models, LM heads included); loss = the divergence forward and backward, from the "
+                 "last backbone forward until the gradient reaches the student's last hidden states (GKD: logits); "
+                 "student_backward = the rest of the backward, until the last parameter gradient is accumulated; "
+                 "optimizer = from there to on_step_end (clipping + optimizer.step + scheduler + zero_grad); "
+                 "overhead = step minus all of these",
     "overhead_fraction": "overhead / step, median over measured steps; the bar takes the largest over the "
                          "HorizonOPDTrainer configurations",
     "memory_cpu": "peak RSS above the RSS before the models were built (all libraries already imported): VmHWM, "
@@ -41,8 +47,9 @@ LABELS = {"trl_distillation": "TRL DistillationTrainer", "gkd": "TRL GKDTrainer"
           "truncated_0.1": "Horizon truncated 0.1", "truncated_0.25": "Horizon truncated 0.25",
           "truncated_0.5": "Horizon truncated 0.5", "progressive_first": "Horizon progressive (first stage)",
           "progressive_last": "Horizon progressive (last stage)"}
-SEGMENTS = ("generation", "teacher_forward", "student_forward", "loss_forward", "loss_backward", "student_backward",
-            "optimizer", "overhead")
+SEGMENTS = ("generation", "teacher_forward", "student_forward", "loss", "student_backward", "optimizer", "overhead")
+# Schema 1 (before the seams) timed the loss forward and backward apart, and the rollout as the generation call only.
+SCHEMA = 2
 
 
 def _ratio(a, b):
@@ -60,6 +67,27 @@ def machine_line(machine: dict | None) -> str:
     return (f"{machine.get('cpu')}, {machine.get('cpu_count')} cores ({machine.get('torch_threads')} torch threads), "
             f"{machine.get('ram_gb')} GB RAM, torch {machine.get('torch')}, transformers {machine.get('transformers')},"
             f" trl {machine.get('trl')}")
+
+
+def public_command(command: str) -> str:
+    """The command as a reader would type it: the lock file is this machine's, so it is not printed."""
+    return re.sub(r"--lock(=|\s+)\S+", "--lock FILE", command or "")
+
+
+def step_median(r: dict, segment: str):
+    """A configuration's median `segment`; for schema-1 results, `loss` is the median of loss_forward + loss_backward."""
+    m = r["median"]
+    if segment == "loss" and "loss" not in m and "loss_forward" in m:
+        return _median([s["loss_forward"] + s["loss_backward"] for s in r.get("steps", [])])
+    return m.get(segment)
+
+
+def _median(values):
+    values = sorted(values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
 def loss_point(result: dict) -> tuple[int, int] | None:
@@ -127,7 +155,7 @@ def markdown(result: dict) -> str:
     preset = result.get("preset", {})
     title = "Quick smoke run (tiny shapes: the numbers mean nothing)" if result.get("quick") else "Benchmark"
     lines += [f"### {title} — {result.get('date', '')}", "",
-              f"Machine: {machine_line(result.get('machine'))}. Command: `{result.get('command', '')}` "
+              f"Machine: {machine_line(result.get('machine'))}. Command: `{public_command(result.get('command'))}` "
               f"({sum((result.get('child_time_s') or {}).values()) / 60:.1f} min of measurement, "
               f"{result.get('run_time_s', 0) / 60:.1f} min wall clock).", ""]
     if preset:
@@ -152,22 +180,23 @@ def markdown(result: dict) -> str:
     if steps:
         trl = steps.get("trl_distillation")
         lines += ["| configuration | horizon | tokens/step | step (s) | vs TRL | peak mem (MB) | vs TRL | "
-                  "rollout | teacher fwd | student fwd | loss fwd | loss bwd | student bwd | optimizer | overhead |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "rollout | teacher fwd | student fwd | loss fwd+bwd | student bwd | optimizer | overhead |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for config, r in steps.items():
             m = r["median"]
             cells = [LABELS.get(config, config), str(r["horizon_tokens"]), _f(m["tokens"], 0), _f(m["step"]),
                      _f(_ratio(m["step"], trl["median"]["step"]) if trl else None),
                      _f(r["peak_memory_increase_mb"], 0),
                      _f(_ratio(r["peak_memory_increase_mb"], trl["peak_memory_increase_mb"]) if trl else None)]
-            cells += [_f(m.get(s)) for s in SEGMENTS[:-1]]
+            cells += [_f(step_median(r, s)) for s in SEGMENTS[:-1]]
             cells.append(f"{_f(m.get('overhead'))} ({_f(100 * m['overhead_fraction'], 1)}%)")
             lines.append("| " + " | ".join(cells) + " |")
         isolated = (result.get("plan") or {}).get("isolate", True)
         lines += ["", "Times in seconds (median). Peak memory: " + (
             METHOD["memory_gpu"] if (result.get("machine") or {}).get("device") == "cuda" else METHOD["memory_cpu"])
-            + (", each configuration in its own process." if isolated else ", all configurations in one process."),
-            ""]
+            + (", each configuration in its own process." if isolated else ", all configurations in one process.")
+            + (" Measured with the schema-1 instrumentation (trainer methods wrapped with timers): rollout is the "
+               "generation call alone, without tokenising and padding." if result.get("schema", 1) < 2 else ""), ""]
 
     floor = {g["horizon"]: g for g in result.get("generate", [])}
     if floor and steps:
@@ -219,7 +248,7 @@ def plot(result: dict, path: str) -> None:
     left = [0.0] * len(configs)
     colors = plt.get_cmap("tab10").colors
     for i, segment in enumerate(SEGMENTS):
-        widths = [max(0.0, steps[c]["median"].get(segment, 0.0)) for c in configs]
+        widths = [max(0.0, step_median(steps[c], segment) or 0.0) for c in configs]
         ax.barh(range(len(configs)), widths, left=left, color=colors[i % 10], label=segment.replace("_", " "))
         left = [a + b for a, b in zip(left, widths)]
     ax.set_yticks(range(len(configs)), [LABELS.get(c, c) for c in configs], fontsize=8)
@@ -271,3 +300,61 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ gpu.py
+def gpu_markdown(result: dict) -> str:
+    lines = [f"### GPU benchmark — {result['date']}", "",
+             f"Device: {machine_line(result.get('machine'))}. Command: `{public_command(result['command'])}` "
+             f"({result['run_time_s'] / 60:.1f} min). Models: `{result['preset']}` shapes, random weights.", "",
+             "| L | configuration | horizon | tokens/step | step (s) | rollout (s) | peak memory (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['L']} | {LABELS.get(r['config'], r['config'])} | {r['horizon_tokens']} | "
+                     f"{r['tokens']:.0f} | {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['peak_memory_mb']:.0f} |")
+    if result["runs"]:
+        lines += ["", f"Peak memory: {result['runs'][0]['memory_method']}.", ""]
+    if result["errors"]:
+        lines += ["Errors: " + "; ".join(result["errors"]), ""]
+    return "\n".join(lines)
+
+
+def gpu_plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for config in dict.fromkeys(r["config"] for r in result["runs"]):
+        runs = sorted((r for r in result["runs"] if r["config"] == config), key=lambda r: r["L"])
+        label = LABELS.get(config, config)
+        left.plot([r["L"] for r in runs], [r["step_s"] for r in runs], "o-", label=label)
+        right.plot([r["L"] for r in runs], [r["peak_memory_mb"] / 1024 for r in runs], "o-", label=label)
+    for ax, ylabel in ((left, "seconds per step (median)"), (right, "peak memory (GiB)")):
+        ax.set_xlabel("full horizon L (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['preset']} — {machine_line(result.get('machine'))}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ files
+def write(result: dict, stem: str, kind: str = "run") -> str:
+    """Writes `stem`.json, .md and .png for a `run.py` (kind "run") or `gpu.py` (kind "gpu") result; returns the
+    markdown. A failing plot (e.g. no matplotlib) is recorded in `result["errors"]` and loses no measurement."""
+    to_markdown, to_plot = (markdown, plot) if kind == "run" else (gpu_markdown, gpu_plot)
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    try:
+        to_plot(result, stem + ".png")
+    except Exception as error:
+        result.setdefault("errors", []).append(f"plot: {error!r}")
+    text = to_markdown(result)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    return text

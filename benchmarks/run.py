@@ -1,6 +1,6 @@
 """Benchmark HorizonOPDTrainer against TRL side by side, and check the bars of the performance issue.
 
-    python benchmarks/run.py            # the full run (~10 min on 2 CPU cores): writes benchmarks/results/latest.*
+    python benchmarks/run.py            # the full run (~15 min on 2 CPU cores): writes benchmarks/results/latest.*
     python benchmarks/run.py --quick    # smoke test on tiny shapes (< 1 min), writes benchmarks/results/tmp/quick.*
 
 One invocation measures, with the same models, prompts, batch and seed:
@@ -14,10 +14,10 @@ One invocation measures, with the same models, prompts, batch and seed:
    TRL's chunked distillation loss and GKD's `generalized_jsd_loss` (`bench_loss.py`).
 
 Each step configuration, and each loss implementation, runs in a fresh child process, one after the other, so every
-peak-memory figure is that configuration's own. This process never imports torch: with `--lock FILE` it holds an exclusive `flock` on FILE for
-each child only (on a shared machine, so no other torch job runs while one is timed, and none waits for the whole run).
-It writes `latest.json` (raw figures, method, machine and the `bars` ratios), `latest.md` (the tables) and
-`latest.png`.
+peak-memory figure is that configuration's own. This process never imports torch: with `--lock FILE` it holds an
+exclusive `flock` on FILE for each child only (on a shared machine, so no other torch job runs while one is timed, and
+none waits for the whole run). It writes `latest.json` (raw figures, method, machine and the `bars` ratios),
+`latest.md` (the tables) and `latest.png` through `report.write`.
 """
 
 import argparse
@@ -78,7 +78,7 @@ def main(argv=None):
     runner = Runner(work, args.lock, args.threads)
     started = time.perf_counter()
     result = {
-        "schema": 1,
+        "schema": report.SCHEMA,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
@@ -115,7 +115,7 @@ def main(argv=None):
             result["generate"] = out["results"]
 
     if "loss" in args.only:
-        # smallest first: every measurement starts from a trimmed heap and a reset high-water mark (common.PeakMemory)
+        # smallest first: every measurement starts from a trimmed heap and a reset high-water mark (measure.PeakRSS)
         shapes = sorted(((v, k) for v in plan["loss_vocabs"] for k in plan["loss_lengths"]), key=lambda s: s[0] * s[1])
         groups = [[i] for i in LOSS_IMPLS] if plan["isolate"] else [LOSS_IMPLS]
         for group in groups:
@@ -131,17 +131,8 @@ def main(argv=None):
     result["run_time_s"] = time.perf_counter() - started
     result["child_time_s"] = runner.child_seconds
     result["bars"], result["bar_checks"] = report.bars(result)
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, name)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(report.markdown(result))
-    try:
-        report.plot(result, stem + ".png")
-    except Exception as error:  # a missing or broken matplotlib must not lose the measurements
-        result["errors"].append(f"plot: {error!r}")
-    print(report.markdown(result))
+    print(report.write(result, stem, "run"))
     print(f"wrote {stem}.json, {stem}.md, {stem}.png in {result['run_time_s']:.0f} s")
     return 1 if result["errors"] else 0
 

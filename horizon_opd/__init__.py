@@ -1,32 +1,37 @@
-"""horizon_opd: cheap on-policy distillation by controlling the rollout horizon (arXiv 2605.31490)."""
+"""horizon_opd: cheap on-policy distillation by controlling the rollout horizon (arXiv 2605.31490).
 
-from . import demo
+The library: `HorizonOPDConfig` and `HorizonOPDTrainer`, the horizon policies, the per-position diagnostics and
+`merge_adapter`. The embedded demo (task, bundled models, the OPD/TOPD/POPD comparison) lives in `horizon_opd.demo`.
+"""
+
 from .callbacks import HeldOutEvalCallback
 from .config import HorizonOPDConfig
-from .demo import build_datasets, evaluate_accuracy, generate_completions, load_demo_models
-from .demo.compare import DEFAULT_METHODS, Method, run_method
 from .diagnostics import kl_by_position
 from .export import merge_adapter
-from .horizon import HorizonSchedule, horizon_at, horizon_ratio_at
+from .horizon import (
+    HORIZON_POLICIES,
+    AdaptiveHorizon,
+    AnchoredHorizon,
+    HorizonPolicy,
+    ProgressiveHorizon,
+    TruncatedHorizon,
+    horizon_at,
+)
 from .trainer import HorizonOPDTrainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "DEFAULT_METHODS",
+    "HORIZON_POLICIES",
+    "AdaptiveHorizon",
+    "AnchoredHorizon",
     "HeldOutEvalCallback",
     "HorizonOPDConfig",
     "HorizonOPDTrainer",
-    "HorizonSchedule",
-    "Method",
-    "build_datasets",
-    "demo",
-    "evaluate_accuracy",
-    "generate_completions",
+    "HorizonPolicy",
+    "ProgressiveHorizon",
+    "TruncatedHorizon",
     "horizon_at",
-    "horizon_ratio_at",
     "kl_by_position",
-    "load_demo_models",
     "merge_adapter",
-    "run_method",
 ]

@@ -9,12 +9,15 @@ from transformers import TrainerCallback
 class HeldOutEvalCallback(TrainerCallback):
     """Calls `evaluate(model) -> float` before training, every `every` optimizer steps and at the end, and records
     `curve = [{"step", "train_seconds", "accuracy"}]`, where `train_seconds` is wall-clock since training began minus
-    the time spent in these evaluations (so methods are compared on training cost alone).
+    the time spent in these evaluations and in `trainer.evaluate()` (so methods are compared on training cost alone).
 
     `on_step` (optional) is called after every optimizer step, e.g. to advance a progress bar.
     """
 
     def __init__(self, evaluate: Callable, every: int, on_step: Callable | None = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} must be an integer >= 1: evaluate every that many optimizer steps "
+                             f"(the run's last step is always evaluated).")
         self.evaluate = evaluate
         self.every = every
         self.on_step = on_step
@@ -36,6 +39,10 @@ class HeldOutEvalCallback(TrainerCallback):
         self._start, self._eval_seconds = time.perf_counter(), 0.0
         if state.global_step == 0:
             self._record(0, model)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # `trainer.evaluate()` (e.g. eval_strategy="steps") is evaluation too: keep its time off the training clock
+        self._eval_seconds += float((metrics or {}).get("eval_runtime", 0.0))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.on_step is not None:

@@ -1,8 +1,19 @@
+import dataclasses
+import os
+import warnings
 from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
-from .horizon import HorizonSchedule
+from .horizon import HORIZON_POLICIES, HorizonPolicy, horizon_settings
+from .loss import check_loss_window
+
+LOSS_TYPES = ("reverse_kl", "sampled", "sequence", "topk_reverse_kl")
+# What each loss needs from a teacher served over HTTP: the actual tokens' log-probs, or the teacher's top-k as well.
+REMOTE_LOSS_TYPES = ("sampled", "sequence", "topk_reverse_kl")
+# Sampling settings that change the distribution rollouts are drawn from. The loss scores softmax(logits / temperature)
+# over the whole vocabulary, so any of these makes the rollouts come from another distribution than the one it assumes.
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "do_sample")
 
 
 def _bf16_accelerator_available() -> bool:
@@ -10,11 +21,21 @@ def _bf16_accelerator_available() -> bool:
 
     return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
-LOSS_TYPES = ("reverse_kl", "sampled")
+
+def _copy_field(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+# The horizon policies' settings (declared with the policies in horizon.py, once) as config fields and CLI flags.
+HorizonSettings = dataclasses.make_dataclass(
+    "HorizonSettings", [(f.name, f.type, _copy_field(f)) for f in horizon_settings()]
+)
 
 
 @dataclass
-class HorizonOPDConfig(DistillationConfig):
+class HorizonOPDConfig(DistillationConfig, HorizonSettings):
     r"""
     Configuration class for the [`HorizonOPDTrainer`].
 
@@ -26,22 +47,12 @@ class HorizonOPDConfig(DistillationConfig):
         > Parameters that control the rollout horizon
 
         horizon (`str`, *optional*, defaults to `"full"`):
-            `"full"` (OPD: rollouts may run to L tokens), `"truncated"` (TOPD: rollouts stop at
-            ceil(truncation_ratio * L) tokens for all of training) or `"progressive"` (POPD: the horizon grows from a
-            short prefix to L during training, then stays at L).
-        truncation_ratio (`float`, *optional*, defaults to `0.1`):
-            Fraction of L generated in `"truncated"` mode, in (0, 1].
-        progressive_schedule (`str`, *optional*, defaults to `"linear"`):
-            Shape of the `"progressive"` horizon: `"linear"` (from `progressive_start_ratio * L` to L over the first
-            `progressive_ramp_fraction` of `max_steps`) or `"stages"` (piecewise constant, see below).
-        progressive_start_ratio (`float`, *optional*, defaults to `0.1`):
-            Horizon ratio at step 0 of the linear progressive schedule, in (0, 1].
-        progressive_ramp_fraction (`float`, *optional*, defaults to `0.5`):
-            Fraction of `max_steps` over which the linear schedule reaches L, in (0, 1].
-        progressive_stage_ratios (`list[float]`, *optional*, defaults to `[0.1, 0.25, 0.5, 1.0]`):
-            Horizon ratio of each stage of the `"stages"` schedule: non-decreasing, ending at 1.0.
-        progressive_stage_fractions (`list[float]`, *optional*, defaults to `[0.0, 0.25, 0.5, 0.75]`):
-            Fraction of `max_steps` at which each stage starts: strictly increasing, starting at 0.0.
+            The horizon policy: `"full"` (OPD), `"truncated"` (TOPD: ceil(truncation_ratio * L) tokens for all of
+            training), `"progressive"` (POPD: grows from a short prefix to L), `"anchored"` (TOPD plus a full-horizon
+            step every `anchor_every` steps) or `"adaptive"` (full-horizon probes measure where the student drifts and
+            set the horizon in between). Each policy's settings (`truncation_ratio`, `progressive_*`, `anchor_every`,
+            `adaptive_*`) are declared with the policy in `horizon_opd/horizon.py`, where their help text lives;
+            `HorizonOPDConfig` takes them as fields and `--flags`.
 
         > Parameters that control the loss
 
@@ -49,10 +60,51 @@ class HorizonOPDConfig(DistillationConfig):
             `"reverse_kl"`: the exact token-level KL(student || teacher) over the vocabulary at every completion
             position (TRL's chunked kernel with beta=1). `"sampled"`: the sampled-token estimator (per-token advantage
             log q(y_t) - log pi(y_t), stop-gradient, policy-gradient surrogate), for teachers that only expose
-            log-probs of the sampled tokens.
+            log-probs of the sampled tokens. `"sequence"`: sequence-level OPD (the paper's Figs. 3 and 14), the same
+            estimator with each token's advantage summed from that position to the end of the rollout (reward-to-go).
+            `"topk_reverse_kl"` (remote teacher only): the reverse KL restricted to the teacher's top-`loss_top_k`
+            tokens plus one tail bucket holding the rest of both distributions' mass (as TRL's server trainer and
+            "Revisiting OPD", arXiv 2603.25562). `"sampled"` and `"sequence"` are unbiased in expectation over the
+            rollouts (the log-probs of the actual tokens are exact; the estimate is noisy). `"topk_reverse_kl"` has no
+            sampling noise but a downward bias: it is the exact KL between both distributions coarse-grained onto the
+            top-k + tail cells, so it never exceeds the full reverse KL and equals it when k covers the vocabulary;
+            its gradient is blind to how the teacher spreads the tail.
+        loss_window (`list[float]` or `None`, *optional*, defaults to `None`):
+            Segment distillation (the paper's Fig. 12): `[start, end]` as fractions of the step's horizon H. Rollouts
+            stop at ceil(end * H) tokens and only positions [ceil(start * H), ceil(end * H)) are trained on; the loss
+            is still divided by the batch's generated tokens. `None` trains on every generated token.
+
+        > Parameters that control the remote teacher
+
+        teacher_model_server_url (`str` or `None`, *optional*, defaults to `None`):
+            Root URL of a server that scores sequences for the teacher instead of a local `teacher_model` (TRL's
+            `ServerDistillationConfig` name): vLLM's OpenAI-compatible server (`vllm serve TEACHER`) or the loopback
+            server `python -m horizon_opd.teacher_server`, e.g. `"http://127.0.0.1:8000"`. The trainer posts prompt +
+            completion token ids to `/v1/completions` with `prompt_logprobs`, and only the completion tokens each
+            step generated are scored, so a shorter horizon also means fewer tokens scored. Needs `loss_type`
+            `"sampled"`, `"sequence"` or `"topk_reverse_kl"` (a server returns log-probs, not full distributions)
+            and `temperature=1.0` (vLLM computes `prompt_logprobs` at temperature 1).
+        loss_top_k (`int`, *optional*, defaults to `20`):
+            k of `"topk_reverse_kl"`: the teacher's top-k tokens asked for at each position. vLLM refuses k above its
+            `--max-logprobs` (default 20). The sampled-token losses ask for the actual tokens' log-probs only.
+        teacher_server_timeout (`float`, *optional*, defaults to `120.0`):
+            Seconds one request to the teacher server may take before it counts as failed.
+        teacher_server_max_retries (`int`, *optional*, defaults to `3`):
+            Further attempts after a failed request (connection error, timeout, HTTP 408/429/5xx), with exponential
+            back-off; then the step fails with an error naming the URL. No partial batch is trained on.
+        teacher_server_chunk_size (`int`, *optional*, defaults to `16`):
+            Sequences per request; a micro-batch is split into chunks sent concurrently. `0` sends it in one request.
+
+        > Parameters that control the diagnostics
+
         position_bins (`int`, *optional*, defaults to `8`):
-            Number of equal-width bins over the current horizon in which the teacher-student reverse KL is logged
-            (`kl_by_position/bin_{i}`), the per-position diagnostic of the paper's Fig. 13. `0` turns it off.
+            Number of equal-width bins over the horizon in which the teacher-student reverse KL is logged
+            (`kl_by_position/bin_{i}`, token-weighted over each logging window), the paper's Fig. 13. `0` turns it off.
+        alarm_factor (`float`, *optional*, defaults to `2.0`):
+            The collapse alarm (`horizon/alarm`) fires when the reverse KL of the last quarter of positions, measured
+            at the full horizon (full steps, anchors, probes, evaluation), exceeds `alarm_factor` times its best.
+        alarm_repetition (`float`, *optional*, defaults to `0.5`):
+            The alarm also fires when more than this fraction of a step's rollouts end in a repeated loop.
 
     > [!NOTE]
     > `beta` must stay at 1.0 (reverse KL): the horizon methods are defined for the reverse KL, and a silently
@@ -62,39 +114,48 @@ class HorizonOPDConfig(DistillationConfig):
 
     horizon: str = field(
         default="full",
-        metadata={"help": "Rollout horizon mode.", "choices": ["full", "truncated", "progressive"]},
-    )
-    truncation_ratio: float = field(
-        default=0.1,
-        metadata={"help": "Fraction of max_completion_length generated in `truncated` mode, in (0, 1]."},
-    )
-    progressive_schedule: str = field(
-        default="linear",
-        metadata={"help": "Shape of the `progressive` horizon.", "choices": ["linear", "stages"]},
-    )
-    progressive_start_ratio: float = field(
-        default=0.1,
-        metadata={"help": "Horizon ratio at step 0 of the linear progressive schedule, in (0, 1]."},
-    )
-    progressive_ramp_fraction: float = field(
-        default=0.5,
-        metadata={"help": "Fraction of max_steps over which the linear progressive schedule reaches the full horizon."},
-    )
-    progressive_stage_ratios: list[float] = field(
-        default_factory=lambda: [0.1, 0.25, 0.5, 1.0],
-        metadata={"help": "Horizon ratio of each stage of the `stages` schedule: non-decreasing, ending at 1.0."},
-    )
-    progressive_stage_fractions: list[float] = field(
-        default_factory=lambda: [0.0, 0.25, 0.5, 0.75],
-        metadata={"help": "Fraction of max_steps at which each stage starts: strictly increasing, from 0.0."},
+        metadata={"help": "Rollout horizon policy.", "choices": list(HORIZON_POLICIES)},
     )
     loss_type: str = field(
         default="reverse_kl",
-        metadata={"help": "Distillation loss.", "choices": ["reverse_kl", "sampled"]},
+        metadata={"help": "Distillation loss.", "choices": list(LOSS_TYPES)},
+    )
+    loss_window: list[float] | None = field(
+        default=None,
+        metadata={"help": "Train only on positions [start, end) of the horizon, as two fractions, e.g. 0.5 1.0."},
+    )
+    teacher_model_server_url: str | None = field(
+        default=None,
+        metadata={"help": "URL of a teacher server (vLLM /v1/completions with prompt_logprobs) used instead of a local "
+                          "teacher, e.g. http://127.0.0.1:8000."},
+    )
+    loss_top_k: int = field(
+        default=20,
+        metadata={"help": "k of loss_type='topk_reverse_kl': teacher top-k log-probs asked for per position."},
+    )
+    teacher_server_timeout: float = field(
+        default=120.0,
+        metadata={"help": "Seconds one request to the teacher server may take."},
+    )
+    teacher_server_max_retries: int = field(
+        default=3,
+        metadata={"help": "Retries of a failed request to the teacher server before the step fails."},
+    )
+    teacher_server_chunk_size: int = field(
+        default=16,
+        metadata={"help": "Sequences per request to the teacher server; 0 sends a micro-batch in one request."},
     )
     position_bins: int = field(
         default=8,
-        metadata={"help": "Bins over the current horizon for the per-position reverse-KL diagnostic; 0 disables it."},
+        metadata={"help": "Bins over the horizon for the per-position reverse-KL diagnostic; 0 disables it."},
+    )
+    alarm_factor: float = field(
+        default=2.0,
+        metadata={"help": "Collapse alarm: late-position full-horizon KL above alarm_factor x its best."},
+    )
+    alarm_repetition: float = field(
+        default=0.5,
+        metadata={"help": "Collapse alarm: fraction of a step's rollouts ending in a repeated loop, in (0, 1]."},
     )
 
     def __post_init__(self):
@@ -110,8 +171,74 @@ class HorizonOPDConfig(DistillationConfig):
                 f"beta={self.beta!r}: HorizonOPDTrainer trains the reverse KL (beta=1.0). Leave beta at 1.0, or use "
                 f"trl.DistillationTrainer for forward KL / JSD."
             )
-        if not isinstance(self.position_bins, int) or self.position_bins < 0:
+        if self.loss_window is not None:
+            self.loss_window = list(check_loss_window(self.loss_window))
+        if isinstance(self.position_bins, bool) or not isinstance(self.position_bins, int) or self.position_bins < 0:
             raise ValueError(f"position_bins={self.position_bins!r} must be an integer >= 0 (0 disables the metric).")
+        if not (isinstance(self.alarm_factor, int | float) and self.alarm_factor > 1.0):
+            raise ValueError(f"alarm_factor={self.alarm_factor!r} must be a number > 1, e.g. 2.0 (the alarm fires "
+                             f"when the late-position KL doubles from its best).")
+        if not (isinstance(self.alarm_repetition, int | float) and 0.0 < self.alarm_repetition <= 1.0):
+            raise ValueError(f"alarm_repetition={self.alarm_repetition!r} must be a fraction in (0, 1], e.g. 0.5.")
+        self._check_remote_teacher()
+        self._check_generation_kwargs()
+        self._check_sampling_settings()
+        if self.deepspeed_plugin is not None:
+            self._check_deepspeed_processes()
+        self.horizon_policy()  # validates the horizon settings now, at construction
+
+    def horizon_policy(self) -> HorizonPolicy:
+        """A new policy object for these settings (the trainer keeps its own, which may hold state)."""
+        if self.horizon not in HORIZON_POLICIES:
+            raise ValueError(f"horizon={self.horizon!r} is not a horizon policy; choose one of "
+                             f"{list(HORIZON_POLICIES)}.")
+        return HorizonPolicy.from_config(self)
+
+    def _check_remote_teacher(self) -> None:
+        for name, low in (("loss_top_k", 1), ("teacher_server_max_retries", 0), ("teacher_server_chunk_size", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+        if isinstance(self.teacher_server_timeout, bool) or not (
+                isinstance(self.teacher_server_timeout, int | float) and self.teacher_server_timeout > 0):
+            raise ValueError(f"teacher_server_timeout={self.teacher_server_timeout!r} must be a positive number of "
+                             f"seconds, e.g. 120.")
+        url = self.teacher_model_server_url
+        if url is None:
+            if self.loss_type == "topk_reverse_kl":
+                raise ValueError(
+                    "loss_type='topk_reverse_kl' approximates the reverse KL from a teacher server's top-k log-probs, "
+                    "but teacher_model_server_url is not set. Set teacher_model_server_url, or use "
+                    "loss_type='reverse_kl' (exact) with a local teacher_model."
+                )
+            return
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher_model_server_url={url!r} is not an http(s) URL; pass the server's root, e.g. "
+                             f"'http://127.0.0.1:8000'.")
+        if self.loss_type not in REMOTE_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} needs the teacher's full next-token distributions, which a teacher "
+                f"server (teacher_model_server_url={url!r}) does not return. Use loss_type='topk_reverse_kl' (top-k + "
+                f"tail reverse KL) or 'sampled' (sampled-token estimator)."
+            )
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"temperature={self.temperature!r} with teacher_model_server_url={url!r}: vLLM returns prompt_logprobs "
+                f"at temperature 1 whatever the request says, so the teacher could not be scored at "
+                f"{self.temperature!r}. Use temperature=1.0, or a local teacher_model."
+            )
+        if self.teacher_model_init_kwargs is not None:
+            raise ValueError(
+                f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} with teacher_model_server_url={url!r}: "
+                f"no teacher is loaded here. Drop teacher_model_init_kwargs (set dtype etc. on the server)."
+            )
+        if self.horizon == "adaptive" and self.adaptive_signal == "topk_overlap":
+            raise ValueError(
+                f"adaptive_signal='topk_overlap' with teacher_model_server_url={url!r}: the top-k overlap signal needs "
+                f"the teacher's hidden states, which a server does not return. Use adaptive_signal='reverse_kl'."
+            )
+
+    def _check_generation_kwargs(self) -> None:
         gen_kwargs = self.generation_kwargs or {}
         for key in ("max_new_tokens", "max_length", "max_tokens"):
             if key in gen_kwargs:
@@ -119,8 +246,34 @@ class HorizonOPDConfig(DistillationConfig):
                     f"generation_kwargs sets {key}={gen_kwargs[key]!r}, which would override the rollout horizon. "
                     f"Remove it: set max_completion_length (the full horizon L) and the horizon fields instead."
                 )
-        self.horizon_schedule  # validates the horizon fields now, at construction
+        for key in SAMPLING_KEYS:
+            if key in gen_kwargs:
+                raise ValueError(
+                    f"generation_kwargs sets {key}={gen_kwargs[key]!r}: the rollouts would be sampled from another "
+                    f"distribution than softmax(logits / temperature), the one the loss scores (and the sampled "
+                    f"estimator would be biased). Remove it from generation_kwargs; set the config's `temperature` "
+                    f"instead, which generation and the loss share."
+                )
 
-    @property
-    def horizon_schedule(self) -> HorizonSchedule:
-        return HorizonSchedule.from_config(self)
+    def _check_sampling_settings(self) -> None:
+        truncated = {k: v for k, v in (("top_p", self.top_p if self.top_p != 1.0 else None),
+                                       ("top_k", self.top_k or None), ("min_p", self.min_p)) if v is not None}
+        if not truncated:
+            return
+        message = (f"{', '.join(f'{k}={v!r}' for k, v in truncated.items())} truncates the sampling distribution, "
+                   f"but the loss scores the student's full softmax(logits / temperature)")
+        if self.loss_type in ("sampled", "sequence"):
+            raise ValueError(f"{message}: the sampled estimator's gradient is then biased. Leave top_p=1.0, top_k=0 "
+                             f"and min_p=None with loss_type={self.loss_type!r}.")
+        warnings.warn(f"{message}: rollouts are drawn off-policy. Leave top_p=1.0, top_k=0 and min_p=None for "
+                      f"on-policy distillation.", stacklevel=3)
+
+    def _check_deepspeed_processes(self) -> None:
+        """`accelerate launch` started WORLD_SIZE processes; fail if the trainer would train as if it were alone."""
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.world_size:
+            raise ValueError(
+                f"accelerate launch started {launched} DeepSpeed processes but this one sees a world of "
+                f"{self.world_size}: without a GPU, accelerate picks no communication backend. Pass ddp_backend='gloo' "
+                f"(--ddp_backend gloo) to run DeepSpeed on CPU."
+            )

@@ -9,7 +9,6 @@ import os
 
 from huggingface_hub import ModelCard, get_token
 
-from .horizon import HorizonSchedule
 
 # Metrics of the last logged training step that a card reader wants, in this order, with their card labels.
 CARD_METRICS = {
@@ -67,47 +66,31 @@ def model_id(model) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
-def describe_horizon(schedule: HorizonSchedule) -> str:
-    """One line stating the horizon mode and its settings, with the token counts they give."""
-    L = schedule.max_completion_length
-    if schedule.mode == "full":
-        return f"`full` (OPD): rollouts run up to L = {L} tokens"
-    if schedule.mode == "truncated":
-        tokens = schedule.tokens_at(0, 1)
-        return (
-            f"`truncated` (TOPD): every rollout stops at ceil(rho * L) = {tokens} tokens, with rho = "
-            f"`truncation_ratio` = {schedule.truncation_ratio} and L = {L}"
-        )
-    if schedule.progressive_schedule == "linear":
-        start = schedule.tokens_at(0, 1)
-        return (
-            f"`progressive` (POPD), `linear` schedule: the horizon grows from rho_0 * L = {start} tokens "
-            f"(`progressive_start_ratio` = {schedule.progressive_start_ratio}) to L = {L} over the first "
-            f"{schedule.progressive_ramp_fraction:.0%} of the steps (`progressive_ramp_fraction`), then stays at L"
-        )
-    stages = ", ".join(
-        f"{ratio} from {fraction:.0%}"
-        for ratio, fraction in zip(schedule.progressive_stage_ratios, schedule.progressive_stage_fractions, strict=True)
-    )
-    return f"`progressive` (POPD), `stages` schedule: horizon ratio of L = {L} by fraction of the steps: {stages}"
-
-
 def distillation_section(trainer, dataset_name: str | None) -> str:
     """The card section describing a [`HorizonOPDTrainer`] run: models, horizon, loss, data, adapter, metrics."""
     from accelerate.utils import is_peft_model
 
     args = trainer.args
     student = model_id(trainer.model)
-    teacher = model_id(trainer.accelerator.unwrap_model(trainer.teacher_model))
+    remote = getattr(trainer, "remote_teacher", None)
+    if remote is not None:  # the server's URL and the model it serves (no weights were loaded here)
+        teacher_row = f"`{remote.model}` served at {remote.base_url}"
+    else:
+        teacher_row = _link(model_id(trainer.accelerator.unwrap_model(trainer.teacher_model)))
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     loss = {
         "reverse_kl": "exact token-level reverse KL(student ‖ teacher) over the vocabulary at each generated token",
         "sampled": "sampled-token reverse-KL estimator (policy gradient on log q(y_t) - log pi(y_t))",
+        "sequence": "sequence-level reverse KL (policy gradient on the reward-to-go of log q - log pi)",
+        "topk_reverse_kl": f"reverse KL(student ‖ teacher) on the teacher's top-{args.loss_top_k} tokens plus one tail "
+                           f"bucket at each generated token (a lower bound of the exact reverse KL)",
     }[args.loss_type]
+    if args.loss_window is not None:
+        loss += f", trained on positions [{args.loss_window[0]}, {args.loss_window[1]}) of the horizon only"
     rows = [
         ("Student (base model)", _link(student)),
-        ("Teacher", _link(teacher)),
-        ("Horizon", describe_horizon(trainer.horizon_schedule)),
+        ("Teacher", teacher_row),
+        ("Horizon", trainer.horizon_policy.describe()),
         ("Loss", f"`{args.loss_type}`: {loss}, temperature {args.temperature}"),
         ("Dataset", _link(dataset_name, "datasets/")),
         ("Optimization", f"{trainer.state.global_step} steps of {batch} prompts, learning rate {args.learning_rate}"),
@@ -158,7 +141,7 @@ def add_distillation_section(card_path: str, section: str, *, adapter_of: str | 
 def _link(name: str | None, kind: str = "") -> str:
     if not name:
         return "(not recorded)"
-    if os.path.isdir(name) or name.count("/") != 1:  # a local path, not a Hub id
+    if not is_hub_id(name):
         return f"`{name}`"
     return f"[{name}](https://huggingface.co/{kind}{name})"
 

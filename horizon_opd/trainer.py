@@ -1,28 +1,36 @@
 import copy
-import math
 import os
 import textwrap
+from typing import NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
 from trl import DistillationTrainer
-from trl.models import prepare_deepspeed
-from trl.trainer.utils import create_model_from_path, maybe_gather_lm_head_ctx
 
 from .config import HorizonOPDConfig
 from .export import add_distillation_section, distillation_section, model_id, require_hub_token
-from .horizon import HorizonSchedule
+from .horizon import HorizonPolicy, horizon_at
 from .loss import (
     logit_postprocessing,
+    loss_window_mask,
+    logprobs_at,
+    loss_window_tokens,
     masked_token_mean,
-    position_bin_sums,
     reverse_kl_per_token,
     sampled_kl_per_token,
+    sequence_kl_per_token,
     token_logprobs,
+    topk_disagreement_per_token,
+    topk_reverse_kl_per_token,
 )
+from .monitor import CollapseAlarm, LogWindow, StepMeter
+from .remote_teacher import RemoteTeacher, connect_teacher_server
+from .teacher import attach_teacher, load_teacher, vocab_slice
 
-# Inputs TRL extracts for vision-language models; forwarded untouched to both backbones.
-_MULTIMODAL_KEYS = (
+# Inputs TRL extracts for vision-language models, forwarded untouched to both backbones. TRL keeps this tuple local to
+# its `_compute_loss`, so it cannot be imported; tests/test_trl_seams.py checks that the two stay equal.
+MULTIMODAL_KEYS = (
     "pixel_values",
     "image_grid_thw",
     "pixel_attention_mask",
@@ -32,19 +40,22 @@ _MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+# Where the horizon policy's state, the alarm's and the global token count live in a checkpoint's trainer_state.json.
+STATE_KEY = "HorizonOPDTrainer"
 
 
 class HorizonOPDTrainer(DistillationTrainer):
     """
     On-policy distillation with a controlled rollout horizon ("Are Full Rollouts Necessary for On-Policy
-    Distillation?", arXiv 2605.31490). A [`~trl.DistillationTrainer`] whose student generates at most the horizon of
-    the current step (`full`, `truncated` or `progressive`, see [`HorizonOPDConfig`]) and is trained on the token-level
-    reverse KL(student || teacher) of every generated token. Generation, batching, PEFT, DeepSpeed/FSDP, vLLM, logging
-    and model cards are TRL's; this class sets the generation horizon, computes the loss, and logs the horizon and the
-    reverse KL by rollout position.
+    Distillation?", arXiv 2605.31490). A [`~trl.DistillationTrainer`] whose student generates at most the horizon its
+    policy gives for the current step (`full`, `truncated`, `progressive`, `anchored` or `adaptive`, see
+    [`HorizonOPDConfig`]) and is trained on the token-level reverse KL(student || teacher) of every generated token.
+    Generation, batching, PEFT, DeepSpeed, vLLM, logging and model cards are TRL's.
 
-    Takes the same arguments as [`~trl.DistillationTrainer`]; `args` must be a [`HorizonOPDConfig`] and a teacher is
-    required. The `args` object passed in is copied, never modified.
+    Takes the same arguments as [`~trl.DistillationTrainer`]; `args` must be a [`HorizonOPDConfig`]. The teacher is
+    either `teacher_model` (a model, or a path / Hub id) or a server at `args.teacher_model_server_url` (vLLM or
+    `horizon_opd.teacher_server`) that scores the rollouts over HTTP; exactly one of the two. The `args` object passed
+    in is copied, never modified.
     """
 
     _tag_names = ["trl", "horizon-opd", "on-policy-distillation", "distillation"]
@@ -62,20 +73,10 @@ class HorizonOPDTrainer(DistillationTrainer):
             }"""),
     }
 
-    def __init__(
-        self,
-        model,
-        teacher_model=None,
-        args: HorizonOPDConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-        tools=None,
-    ):
+    # ----------------------------------------------------------------------------------------------- construct
+    def __init__(self, model, teacher_model=None, args: HorizonOPDConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
+                 quantization_config=None, peft_config=None, tools=None):
         if args is None:
             args = HorizonOPDConfig(output_dir="horizon-opd")
         elif not isinstance(args, HorizonOPDConfig):
@@ -83,26 +84,25 @@ class HorizonOPDTrainer(DistillationTrainer):
                 f"args is a {type(args).__name__}; HorizonOPDTrainer needs a HorizonOPDConfig (it holds the horizon "
                 f"settings). Build one with HorizonOPDConfig(output_dir=..., horizon=..., ...)."
             )
-        # TRL adjusts a few fields of `args` in place (dataloader workers, checkpointing kwargs); work on a copy so the
-        # caller's object is never modified.
+        # TRL adjusts a few fields of `args` in place (dataloader workers, checkpointing kwargs): work on a copy.
         args = copy.deepcopy(args)
-        if teacher_model is None:
-            raise ValueError("HorizonOPDTrainer needs a teacher_model (a model instance or a local path / Hub id).")
+        url = args.teacher_model_server_url
+        if teacher_model is None and url is None:
+            raise ValueError("HorizonOPDTrainer needs a teacher_model (a model instance or a local path / Hub id), or "
+                             "teacher_model_server_url in the config to score with a teacher server.")
+        if teacher_model is not None and url is not None:
+            raise ValueError(
+                f"Both teacher_model ({_describe(teacher_model)}) and teacher_model_server_url={url!r} are set; the "
+                f"teacher is one or the other. Pass teacher_model=None to use the server, or drop the URL from the "
+                f"config to use the local teacher."
+            )
         if tools and args.horizon != "full":
             raise ValueError(
                 f"tools with horizon={args.horizon!r}: a tool-calling rollout spans several generations, each of which "
                 f"would get the whole horizon. Use horizon='full' with tools."
             )
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            _check_prompt_dataset(dataset, name)
-        if isinstance(teacher_model, str):
-            teacher_model = _load_teacher(teacher_model, args)
-        elif args.teacher_model_init_kwargs is not None:
-            raise ValueError(
-                "teacher_model_init_kwargs is set but teacher_model is already instantiated. Pass the teacher as a "
-                "path to have it loaded with those kwargs, or drop teacher_model_init_kwargs."
-            )
-        self.horizon_schedule: HorizonSchedule = args.horizon_schedule
+            check_prompt_dataset(dataset, name)
         if peft_config is not None and not isinstance(model, str) and is_peft_model(model):
             raise ValueError(
                 f"model is already a PeftModel (adapters {list(model.peft_config)}) and peft_config asks for another "
@@ -111,74 +111,238 @@ class HorizonOPDTrainer(DistillationTrainer):
             )
         if args.push_to_hub:
             require_hub_token(args.hub_token)
-        if args.deepspeed_plugin is not None:
-            _check_deepspeed_processes(args)
-            _check_teacher_for_deepspeed(teacher_model, args.deepspeed_plugin.zero_stage)
+        # A teacher server is checked before the student is loaded, so an unreachable URL fails in a second.
+        remote_teacher = connect_teacher_server(args) if url is not None else None
+        teacher_model = None if remote_teacher is not None else load_teacher(teacher_model, args)
+        super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
+                         tools=tools)
+        self.remote_teacher: RemoteTeacher | None = remote_teacher
+        if remote_teacher is None:
+            self.teacher_model, self.shared_vocab_size = attach_teacher(self, teacher_model)
+        else:  # the server's vocabulary is unknown here: top-k ids past the student's head are moved to the tail
+            self.teacher_model, self.shared_vocab_size = None, None
+        self.teacher_scored_tokens = 0  # completion tokens the teacher server scored, over all ranks (its cost)
+        self._pending_scored_tokens = 0  # this rank's, since the last gather
 
-        # TRL's constructor requires identical vocab sizes; the teacher is attached below instead, where a padded
-        # vocabulary (e.g. Qwen2.5-1.5B 151936 vs Qwen2.5-7B 152064) is reduced to the shared tokenizer vocabulary.
-        super().__init__(
-            model=model,
-            teacher_model=None,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-        )
-        self.shared_vocab_size = _shared_vocab_size(self.model, teacher_model, len(self._tokenizer))
-        student_vocab = self.model.config.get_text_config().vocab_size
-        if self.shared_vocab_size is not None and student_vocab > self.shared_vocab_size:
-            # The student's padding rows are ids no tokenizer token has and the teacher cannot score: never sample them.
-            padding_ids = list(range(self.shared_vocab_size, student_vocab))
-            suppressed = list(self.generation_kwargs.get("suppress_tokens") or []) + padding_ids
-            self.generation_kwargs["suppress_tokens"] = suppressed
-            self.generation_config.suppress_tokens = suppressed
-            if self.use_vllm:
-                raise ValueError(
-                    f"The student's vocab_size {student_vocab} exceeds the teacher's {self.shared_vocab_size}, and vLLM "
-                    f"generation cannot be told to avoid the student's padding ids. Use use_vllm=False, or a teacher "
-                    f"with at least the student's vocab_size."
-                )
-        teacher_model.requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            self.teacher_model = _prepare_teacher_for_deepspeed(teacher_model, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-            if not self.is_fsdp_enabled:
-                _check_heads_share_a_device(self.model, self.accelerator.unwrap_model(self.teacher_model))
-        self._position_stats = None  # (sums, counts) of the last micro-batch, logged by `compute_loss`
-        self.generated_tokens = 0  # rollout tokens this process generated for training (the horizon's cost driver)
+        self.horizon_policy: HorizonPolicy = args.horizon_policy()
+        L = args.max_completion_length
+        self._meters = {"train": StepMeter(L), "eval": StepMeter(L)}
+        self._windows = {"train": LogWindow(L, args.position_bins), "eval": LogWindow(L, args.position_bins)}
+        self.alarm = CollapseAlarm(L, args.alarm_factor, args.alarm_repetition, args.horizon)
+        self.generated_tokens = 0  # rollout tokens generated for training, over all ranks (the horizon's cost)
+        self.horizon_history: list[int] = []  # the horizon of every optimizer step so far
+        self._step_horizon = None
+        self.add_callback(_RestoreHorizonState(self))
 
     # ----------------------------------------------------------------------------------------------- horizon
     def current_horizon(self) -> int:
         """Rollout horizon in tokens for the current optimizer step; evaluation always uses the full horizon L.
 
-        A pure function of `state.global_step` and the schedule: every micro-batch of one optimizer step (they share
-        one generation batch) and every rank see the same value, and a resumed run continues the schedule."""
+        The policy's value at `state.global_step`: the same for every micro-batch of the step (they share one
+        generation batch) and every rank (a stateful policy only learns from metrics gathered over all ranks)."""
         if not self.model.training:
-            return self.horizon_schedule.max_completion_length
-        return self.horizon_schedule.tokens_at(self.state.global_step, self.state.max_steps)
+            return self.args.max_completion_length
+        return horizon_at(self.state.global_step, self.state.max_steps, self.horizon_policy)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         # The horizon bounds generation itself (max_new_tokens / vLLM max_tokens), so the tokens past it are never
         # computed. A rollout cut there has no EOS appended: TRL keeps every generated token and masks only after an EOS.
         horizon = self.current_horizon()
+        if self.args.loss_window is not None and self.model.training:  # nothing past the window is trained on
+            horizon = loss_window_tokens(horizon, *self.args.loss_window)[1]
         self.generation_config.max_new_tokens = horizon
         self.generation_kwargs["max_new_tokens"] = horizon
         if self.use_vllm:
             self.vllm_generation.max_completion_length = horizon
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["horizon/tokens"].append(float(horizon))
-        self._metrics[mode]["horizon/ratio"].append(horizon / self.horizon_schedule.max_completion_length)
-        completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         if mode == "train":
-            self.generated_tokens += sum(len(ids) for ids in completion_ids)
+            self._step_horizon = horizon
+        completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        self._meters[mode].add_rollouts(completion_ids)
         return completion_ids
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._step % self.current_gradient_accumulation_steps == 0:  # the step's last micro-batch, as TRL counts it
+            self._end_of_step()
+        return loss
+
+    def _end_of_step(self) -> None:
+        """Gather what the step measured (one collective), then let the policy, the alarm and the logs read it."""
+        record = self._meters["train"].finish(self.state.global_step, self._step_horizon, self.accelerator,
+                                              with_signal=self._measures_signal())
+        self.generated_tokens += record.generated_tokens
+        self._gather_scored_tokens()
+        self.horizon_history.append(record.horizon)
+        self.horizon_policy.observe(record)
+        self.alarm.observe(record.step, record.horizon, record.kl_sums, record.kl_counts, record.rollouts,
+                           record.repeating)
+        self._windows["train"].add(record)
+
+    def _gather_scored_tokens(self) -> None:
+        """Add the tokens every rank's teacher-server requests scored since the last call (one all-reduce)."""
+        if self.remote_teacher is None:
+            return
+        pending = torch.tensor(self._pending_scored_tokens, device=self.accelerator.device)
+        self.teacher_scored_tokens += int(self.accelerator.reduce(pending, reduction="sum").item())
+        self._pending_scored_tokens = 0
+
+    def _measures_signal(self) -> bool:
+        """Whether this step needs the policy's own per-position signal besides the KL (top-k overlap on probes)."""
+        return (self.model.training and self.horizon_policy.signal != "reverse_kl"
+                and self._step_horizon == self.args.max_completion_length)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        if mode == "eval":  # evaluation has no optimizer step: its rollouts, all at L, are gathered here
+            record = self._meters["eval"].finish(self.state.global_step, self.args.max_completion_length,
+                                                 self.accelerator)
+            self.alarm.observe(record.step, record.horizon, record.kl_sums, record.kl_counts, record.rollouts,
+                               record.repeating, source="evaluation")
+            self._windows["eval"].add(record)
+            self._gather_scored_tokens()
+        metrics = self._windows[mode].metrics()
+        self._windows[mode].reset()
+        metrics["horizon/alarm"] = float(self.alarm.active)
+        if mode == "train":
+            metrics["horizon/generated_tokens"] = float(self.generated_tokens)
+            if self.remote_teacher is not None:
+                metrics["teacher/scored_tokens"] = float(self.teacher_scored_tokens)
+        for key, value in metrics.items():  # TRL's `log` adds the eval_ prefix and averages lists: one value each
+            self._metrics[mode][key] = [value]
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        self.state.stateful_callbacks[STATE_KEY] = {"args": {}, "attributes": self.horizon_state()}
+        super()._save_checkpoint(model, trial)
+
+    def horizon_state(self) -> dict:
+        """What a resumed run needs to continue with identical horizons and cost figures."""
+        return {"policy": self.horizon_policy.state_dict(), "alarm": self.alarm.state_dict(),
+                "generated_tokens": self.generated_tokens, "horizon_history": list(self.horizon_history),
+                "teacher_scored_tokens": self.teacher_scored_tokens}
+
+    def load_horizon_state(self, state: dict) -> None:
+        self.horizon_policy.load_state_dict(state["policy"])
+        self.alarm.load_state_dict(state["alarm"])
+        self.generated_tokens = int(state["generated_tokens"])
+        self.horizon_history = list(state["horizon_history"])
+        self.teacher_scored_tokens = int(state.get("teacher_scored_tokens", 0))
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        # Runs inside the student wrapper's forward (TRL's `compute_loss` routes it through `_forward_redirection`).
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        loss_mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            loss_mask = loss_mask * inputs["tool_mask"]
+        if self.args.loss_window is not None and self.model.training:
+            loss_mask = loss_window_mask(loss_mask, self.current_horizon(), *self.args.loss_window)
+        completion_ids = inputs["completion_ids"]
+        num_positions = completion_ids.size(1)  # K: only completion tokens are trained on
+        multimodal_inputs = {k: inputs[k] for k in MULTIMODAL_KEYS if k in inputs}
+
+        student_hidden = self._get_last_hidden_state(
+            unwrapped_student, input_ids, attention_mask, num_positions, **multimodal_inputs
+        )  # (B, K, H_s)
+        student_head = unwrapped_student.get_output_embeddings()
+        device = student_head.weight.device
+        s_weight, s_bias = vocab_slice(student_head, self.shared_vocab_size)
+        # Project only the positions that are trained on (fewer tiles); Neuron compiles per shape, so it keeps all.
+        compact = device.type != "neuron"
+        rows = (loss_mask.reshape(-1).to(device) != 0) if compact else slice(None)  # (B*K,)
+        student = _Head(student_hidden.to(device).reshape(-1, student_hidden.size(-1))[rows], s_weight, s_bias,
+                        logit_postprocessing(unwrapped_student.config))  # hidden (N, H_s)
+        targets = completion_ids.reshape(-1).to(device)[rows]  # (N,)
+        if self.remote_teacher is None:
+            per_token, entropy, signal, student_logprobs, teacher_logprobs = self._local_teacher_terms(
+                student, targets, rows, input_ids, attention_mask, num_positions, multimodal_inputs)
+        else:
+            per_token, entropy, signal, student_logprobs, teacher_logprobs = self._remote_teacher_terms(
+                student, targets, rows, inputs)
+
+        mask = loss_mask.to(device)
+        if compact:  # back to (B, K); masked_scatter keeps an all-padding micro-batch connected to the graph
+            per_token, entropy = (t.new_zeros(mask.shape).masked_scatter(mask.bool(), t) for t in (per_token, entropy))
+            signal = None if signal is None else signal.new_zeros(mask.shape).masked_scatter(mask.bool(), signal)
+        else:
+            per_token, entropy = per_token.view(mask.shape), entropy.view(mask.shape)
+            signal = None if signal is None else signal.view(mask.shape)
+        if self.args.loss_type == "sequence":  # the reward-to-go runs along each rollout: it needs (B, K)
+            student_lp, teacher_lp = (
+                t.new_zeros(mask.shape).masked_scatter(mask.bool(), t) if compact else t.view(mask.shape)
+                for t in (student_logprobs, teacher_logprobs))
+            per_token = sequence_kl_per_token(student_lp, teacher_lp, mask)
+        self._meters["train" if self.model.training else "eval"].add_tokens(per_token, mask, signal)
+        loss = masked_token_mean(per_token, mask, num_items_in_batch)
+        return loss, (entropy.detach() * mask).sum(), mask.sum()
+
+    def _local_teacher_terms(self, student, targets, rows, input_ids, attention_mask, num_positions,
+                             multimodal_inputs):
+        """Per trained position (N,): the loss term, the student's entropy, the policy's signal (or None) and, for
+        the sampled-token losses, both log-probs of the actual tokens; the teacher is the local model."""
+        # The teacher backbone goes through its own wrapper, as in TRL, so DeepSpeed materializes its shards.
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher, input_ids,
+                attention_mask, num_positions, **multimodal_inputs,
+            )  # (B, K, H_t)
+        t_weight, t_bias = vocab_slice(unwrapped_teacher.get_output_embeddings(), self.shared_vocab_size)
+        t_post = logit_postprocessing(unwrapped_teacher.config)
+        h_t = teacher_hidden.to(targets.device).reshape(-1, teacher_hidden.size(-1))[rows]  # (N, H_t)
+        h_s, s_weight, s_bias, s_post = student
+
+        student_logprobs = teacher_logprobs = None
+        if self.args.loss_type == "reverse_kl":
+            per_token, entropy = reverse_kl_per_token(
+                h_s, s_weight, h_t, t_weight, temperature=self.temperature, student_bias=s_bias,
+                teacher_bias=t_bias, student_post=s_post, teacher_post=t_post,
+            )  # (N,), (N,)
+        else:  # estimators on the sampled tokens' log-probs
+            student_logprobs, entropy = token_logprobs(
+                h_s, s_weight, targets, temperature=self.temperature, bias=s_bias, post=s_post, with_entropy=True
+            )
+            with torch.no_grad():
+                teacher_logprobs, _ = token_logprobs(
+                    h_t, t_weight, targets, temperature=self.temperature, bias=t_bias, post=t_post
+                )
+            per_token = sampled_kl_per_token(student_logprobs, teacher_logprobs)
+        signal = None
+        if self._measures_signal():
+            signal = topk_disagreement_per_token(h_s, s_weight, h_t, t_weight, k=self.horizon_policy.adaptive_top_k,
+                                                 student_bias=s_bias, teacher_bias=t_bias, student_post=s_post,
+                                                 teacher_post=t_post)
+        return per_token, entropy, signal, student_logprobs, teacher_logprobs
+
+    def _remote_teacher_terms(self, student, targets, rows, inputs):
+        """As `_local_teacher_terms`, with the teacher's log-probs from the server: the actual tokens' for the
+        sampled-token losses, the top-k + tail reverse KL for `topk_reverse_kl`. Temperature is 1 (the config
+        checks it), the one at which vLLM returns log-probs."""
+        h_s, s_weight, s_bias, s_post = student
+        scores = self.remote_teacher.score_batch(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+                                                 inputs["completion_mask"])  # raises, naming the URL, on failure
+        self._pending_scored_tokens += int(scores.mask.sum())
+        head_rows = s_weight.ds_shape[0] if hasattr(s_weight, "ds_shape") else s_weight.size(0)
+        scores = scores.restrict_vocab(head_rows)
+        device = targets.device
+        if self.args.loss_type == "topk_reverse_kl":
+            k = scores.topk_ids.size(-1)
+            topk_ids = scores.topk_ids.to(device).reshape(-1, k)[rows]  # (N, k)
+            teacher_topk = scores.topk_logprobs.to(device).reshape(-1, k)[rows]
+            student_topk, entropy = logprobs_at(h_s, s_weight, topk_ids, temperature=self.temperature, bias=s_bias,
+                                                post=s_post, with_entropy=True)
+            return topk_reverse_kl_per_token(student_topk, teacher_topk), entropy, None, None, None
+        student_logprobs, entropy = token_logprobs(
+            h_s, s_weight, targets, temperature=self.temperature, bias=s_bias, post=s_post, with_entropy=True
+        )
+        teacher_logprobs = scores.actual_logprobs.to(device).reshape(-1)[rows]
+        return (sampled_kl_per_token(student_logprobs, teacher_logprobs), entropy, None, student_logprobs,
+                teacher_logprobs)
 
     # ----------------------------------------------------------------------------------------------- shipping
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
@@ -195,231 +359,44 @@ class HorizonOPDTrainer(DistillationTrainer):
     def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None,
                     **kwargs):
         """[`~transformers.Trainer.push_to_hub`], after checking that a Hub token is available (on every rank, so a
-        missing token fails the same way everywhere instead of leaving the other ranks waiting). `dataset_name` goes
-        to the model card."""
+        missing token fails the same way everywhere instead of leaving the other ranks waiting)."""
         require_hub_token(token or self.args.hub_token)
         return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token, revision=revision,
                                    private=private, **kwargs)
 
-    # ----------------------------------------------------------------------------------------------- loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Gathered here, after the forward redirection returns, as TRL does for the entropy (no collective inside the
-        # wrapped forward).
-        if self._position_stats is not None:
-            sums, counts = self._position_stats
-            self._position_stats = None
-            sums = self.accelerator.gather(sums[None]).sum(0)
-            counts = self.accelerator.gather(counts[None]).sum(0)
-            mode = "train" if self.model.training else "eval"
-            for i, (s, c) in enumerate(zip(sums.tolist(), counts.tolist(), strict=True)):
-                self._metrics[mode][f"kl_by_position/bin_{i}"].append(s / c if c > 0 else math.nan)
-        return output
 
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        # Runs inside the student wrapper's forward (TRL's `compute_loss` routes it through `_forward_redirection`).
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        loss_mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            loss_mask = loss_mask * inputs["tool_mask"]
-        completion_ids = inputs["completion_ids"]
-        num_positions = completion_ids.size(1)  # K: only completion tokens are trained on
-        multimodal_inputs = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
+class _Head(NamedTuple):
+    """The student's side of the loss: hidden states at the trained positions and the head that projects them."""
 
-        student_hidden = self._get_last_hidden_state(
-            unwrapped_student, input_ids, attention_mask, num_positions, **multimodal_inputs
-        )  # (B, K, H_s)
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            teacher_hidden = self._forward_redirection(
-                self.teacher_model,
-                unwrapped_teacher,
-                self._get_last_hidden_state,
-                unwrapped_teacher,
-                input_ids,
-                attention_mask,
-                num_positions,
-                **multimodal_inputs,
-            )  # (B, K, H_t)
-
-        student_head = unwrapped_student.get_output_embeddings()
-        teacher_head = unwrapped_teacher.get_output_embeddings()
-        if student_head.weight.device != teacher_head.weight.device:
-            raise ValueError(
-                f"The student lm_head is on {student_head.weight.device} but the teacher lm_head is on "
-                f"{teacher_head.weight.device}. The loss compares both heads tile by tile: place them on the same "
-                f"device in their device_map."
-            )
-        device = student_head.weight.device
-        s_weight, s_bias = _vocab_slice(student_head, self.shared_vocab_size)
-        t_weight, t_bias = _vocab_slice(teacher_head, self.shared_vocab_size)
-
-        # Project only the positions that are trained on (fewer tiles); Neuron compiles per shape, so it keeps all.
-        valid = loss_mask.reshape(-1).to(device) != 0  # (B*K,)
-        compact = device.type != "neuron"
-        rows = valid if compact else slice(None)
-        h_s = student_hidden.to(device).reshape(-1, student_hidden.size(-1))[rows]  # (N, H_s)
-        h_t = teacher_hidden.to(device).reshape(-1, teacher_hidden.size(-1))[rows]  # (N, H_t)
-        s_post = logit_postprocessing(unwrapped_student.config)
-        t_post = logit_postprocessing(unwrapped_teacher.config)
-
-        if self.args.loss_type == "reverse_kl":
-            per_token, entropy = reverse_kl_per_token(
-                h_s, s_weight, h_t, t_weight, temperature=self.temperature, student_bias=s_bias,
-                teacher_bias=t_bias, student_post=s_post, teacher_post=t_post,
-            )  # (N,), (N,)
-        else:
-            targets = completion_ids.reshape(-1).to(device)[rows]
-            student_logprobs, entropy = token_logprobs(
-                h_s, s_weight, targets, temperature=self.temperature, bias=s_bias, post=s_post, with_entropy=True
-            )
-            with torch.no_grad():
-                teacher_logprobs, _ = token_logprobs(
-                    h_t, t_weight, targets, temperature=self.temperature, bias=t_bias, post=t_post
-                )
-            per_token = sampled_kl_per_token(student_logprobs, teacher_logprobs)
-
-        mask = loss_mask.to(device)
-        if compact:
-            # Back to (B, K); masked_scatter keeps an all-padding micro-batch connected to the graph (zero gradient).
-            per_token = per_token.new_zeros(mask.shape).masked_scatter(mask.bool(), per_token)
-            entropy = entropy.new_zeros(mask.shape).masked_scatter(mask.bool(), entropy)
-        else:
-            per_token, entropy = per_token.view(mask.shape), entropy.view(mask.shape)
-        loss = masked_token_mean(per_token, mask, num_items_in_batch)
-        if self.args.position_bins > 0:
-            self._position_stats = position_bin_sums(per_token, mask, self.current_horizon(), self.args.position_bins)
-        return loss, (entropy.detach() * mask).sum(), mask.sum()
+    hidden: torch.Tensor  # (N, H)
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None
+    post: tuple
 
 
-def _vocab_slice(head: torch.nn.Module, vocab_size: int | None):
-    """The head's weight and bias, restricted to the first `vocab_size` rows when the two heads differ in size."""
-    weight, bias = head.weight, head.bias
-    rows = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.size(0)
-    if vocab_size is None or rows == vocab_size:
-        return weight, bias
-    if not hasattr(weight, "ds_shape"):
-        return weight[:vocab_size], (None if bias is None else bias[:vocab_size])
-    # ZeRO-3: the parameter holds an empty shard, and TRL's kernels gather a head by its `ds_status`, which a slice
-    # lacks. Gather it here, copy the shared rows and mark the copy available, so the kernels use it as is. The copy
-    # lives for one micro-batch; the student's gradient still reaches its parameter through the clone and the slice.
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    with maybe_gather_lm_head_ctx(weight, bias):
-        weight = weight[:vocab_size].clone()
-        bias = None if bias is None else bias[:vocab_size].clone()
-    for tensor in (weight, bias):
-        if tensor is not None:
-            tensor.ds_status = ZeroParamStatus.AVAILABLE
-    return weight, bias
+def _describe(teacher) -> str:
+    return repr(teacher) if isinstance(teacher, str) else f"a {type(teacher).__name__}"
 
 
-def _shared_vocab_size(student, teacher, tokenizer_size: int) -> int | None:
-    """`None` when both heads have the same size; else the smaller one, if it still covers every tokenizer id."""
-    student_vocab = student.config.get_text_config().vocab_size
-    teacher_vocab = teacher.config.get_text_config().vocab_size
-    if student_vocab == teacher_vocab:
-        return None
-    shared = min(student_vocab, teacher_vocab)
-    if tokenizer_size > shared:
-        raise ValueError(
-            f"The student has vocab_size {student_vocab} and the teacher vocab_size {teacher_vocab}, but the tokenizer "
-            f"has {tokenizer_size} tokens: one model cannot score every token, so the two do not share a tokenizer. "
-            f"Distillation compares full next-token distributions and needs one: pick a teacher from the student's "
-            f"family (sizes may differ only by padding rows past the tokenizer), or use TRL's GOLD trainer for "
-            f"cross-tokenizer distillation."
-        )
-    return shared
+class _RestoreHorizonState(TrainerCallback):
+    """On a resumed run, loads the state `_save_checkpoint` stored in the checkpoint's trainer_state.json."""
+
+    def __init__(self, trainer: HorizonOPDTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+        if saved and state.global_step > 0:
+            self.trainer.load_horizon_state(saved["attributes"])
 
 
-def _check_deepspeed_processes(args: HorizonOPDConfig) -> None:
-    """`accelerate launch` started WORLD_SIZE processes; fail if the trainer would train as if it were alone."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != args.world_size:
-        raise ValueError(
-            f"accelerate launch started {launched} DeepSpeed processes but this one sees a world of "
-            f"{args.world_size}: without a GPU, accelerate picks no communication backend. Pass ddp_backend='gloo' "
-            f"(--ddp_backend gloo) to run DeepSpeed on CPU."
-        )
-
-
-def _check_teacher_for_deepspeed(teacher, zero_stage: int) -> None:
-    """Reject teachers DeepSpeed cannot take over, before anything is built: DeepSpeed places (and under ZeRO-3
-    shards) the teacher itself."""
-    device_map = getattr(teacher, "hf_device_map", None)
-    if device_map is not None and len(set(device_map.values())) > 1:
-        raise ValueError(
-            f"The teacher was dispatched over several devices with a device_map ({device_map}), but under DeepSpeed "
-            f"the teacher is placed by DeepSpeed (sharded under ZeRO-3). Load it with device_map=None, or pass its "
-            f"path as teacher_model so HorizonOPDTrainer loads it that way."
-        )
-    quantization = [f"{bits}-bit" for bits in (4, 8) if getattr(teacher, f"is_loaded_in_{bits}bit", False)]
-    if zero_stage == 3 and quantization:
-        raise ValueError(
-            f"The teacher is quantized ({quantization[0]}), and ZeRO-3 cannot partition quantized weights, so it "
-            f"cannot be prepared for ZeRO-3 inference. ZeRO-3 already splits the teacher across ranks: load it "
-            f"unquantized in bf16 (teacher_model_init_kwargs={{'dtype': 'bfloat16'}}), or use ZeRO-2, where each rank "
-            f"keeps a whole teacher."
-        )
-
-
-def _prepare_teacher_for_deepspeed(teacher, accelerator):
-    """TRL's `prepare_deepspeed` (ZeRO-3: a sharded inference engine; else replicated), with the reason it failed."""
-    stage = accelerator.state.deepspeed_plugin.zero_stage
-    try:
-        return prepare_deepspeed(teacher, accelerator)
-    except Exception as error:
-        raise RuntimeError(
-            f"DeepSpeed could not prepare the teacher ({type(teacher).__name__}) for ZeRO-{stage} inference: "
-            f"{type(error).__name__}: {error}. Pass the teacher as a path (teacher_model='org/name') so it is loaded "
-            f"with device_map=None in the training dtype, without quantization, or switch the accelerate config to "
-            f"ZeRO-2, which replicates the teacher instead of sharding it."
-        ) from error
-
-
-def _check_heads_share_a_device(student, teacher) -> None:
-    """The loss reads both `lm_head` weights directly, tile by tile: both must be materialized on one device."""
-    heads = {"student": student.get_output_embeddings().weight, "teacher": teacher.get_output_embeddings().weight}
-    for name, weight in heads.items():
-        if weight.device.type == "meta":
-            device_map = getattr(student if name == "student" else teacher, "hf_device_map", None)
-            raise ValueError(
-                f"The {name} lm_head is offloaded (its weight is on the meta device; device_map {device_map}). The "
-                f"loss reads lm_head.weight directly, so it must live on a real device: give 'lm_head' a device in the "
-                f"device_map (e.g. device_map={{..., 'lm_head': 0}}), or raise max_memory so nothing is offloaded."
-            )
-    if heads["student"].device != heads["teacher"].device:
-        raise ValueError(
-            f"The student lm_head is on {heads['student'].device} but the teacher lm_head is on "
-            f"{heads['teacher'].device} (teacher device_map: {getattr(teacher, 'hf_device_map', None)}). The loss "
-            f"compares the two heads tile by tile on one device: load the teacher with a device_map that puts "
-            f"'lm_head' on {heads['student'].device}, e.g. device_map={{..., 'lm_head': "
-            f"'{heads['student'].device}'}}, or load both models on that device."
-        )
-
-
-def _load_teacher(path: str, args: HorizonOPDConfig):
-    # Same loading rules as TRL's DistillationTrainer for a teacher given by name.
-    kwargs = dict(args.teacher_model_init_kwargs or {})
-    dtype = kwargs.get("dtype")
-    kwargs["dtype"] = dtype if dtype in ["auto", None] else getattr(torch, dtype)
-    if args.teacher_model_revision is not None:
-        kwargs.setdefault("revision", args.teacher_model_revision)
-    if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-        kwargs["device_map"] = None  # distributed training places the model itself
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return create_model_from_path(path, **kwargs)
-
-
-def _check_prompt_dataset(dataset, name: str) -> None:
+def check_prompt_dataset(dataset, name: str) -> None:
     """Fail at construction, naming the columns found, when a dataset has no usable `prompt` column."""
     if dataset is None:
         return
     if isinstance(dataset, dict):
         for key, value in dataset.items():
-            _check_prompt_dataset(value, f"{name}[{key!r}]")
+            check_prompt_dataset(value, f"{name}[{key!r}]")
         return
     columns = getattr(dataset, "column_names", None)
     if columns is not None and "prompt" not in columns:
@@ -430,13 +407,9 @@ def _check_prompt_dataset(dataset, name: str) -> None:
     if columns is None or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
         return
     prompt = dataset[0]["prompt"]
-    is_text = isinstance(prompt, str)
-    is_messages = (
-        isinstance(prompt, list)
-        and len(prompt) > 0
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
-    )
-    if not (is_text or is_messages):
+    is_messages = isinstance(prompt, list) and len(prompt) > 0 and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+    if not (isinstance(prompt, str) or is_messages):
         raise ValueError(
             f"{name}['prompt'][0] is a {type(prompt).__name__} ({str(prompt)[:80]!r}); a prompt must be a string or "
             f"a list of chat messages like [{{'role': 'user', 'content': '...'}}]."

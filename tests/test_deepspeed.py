@@ -1,43 +1,37 @@
 """DeepSpeed ZeRO through `accelerate launch`: two CPU processes train for real (gloo, DeepSpeed's CPU accelerator) with
 the shipped configs in examples/accelerate/, and the construction-time checks for teachers DeepSpeed cannot take.
 
-The launches are `slow` (about 15 s each here); CI runs them. Each rank of tests/ds_train_script.py writes what it
-generated and logged, and the tests compare the ranks."""
+The launches are `slow` (about 15 s each here); CI runs them. Each rank of tests/distributed/ds_train_script.py
+writes what it generated and logged, and the tests compare the ranks."""
 
-import json
 import math
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from datasets import Dataset
 from safetensors.torch import load_file
+from testing_utils import (
+    ACCELERATE_CONFIGS,
+    assert_ranks_agree,
+    launch_training,
+    logged_in,
+    make_args,
+    save_launch_assets,
+)
 
-from conftest import tiny_causal_lm
-from helpers import make_args
 from horizon_opd import HorizonOPDTrainer
-from horizon_opd.horizon import HorizonSchedule
-from horizon_opd.trainer import _check_deepspeed_processes, _check_heads_share_a_device, _check_teacher_for_deepspeed
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "examples" / "accelerate"
-TRAIN_ARGS = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_completion_length=8,
-                  learning_rate=1e-3, logging_steps=1, report_to="none", bf16=False, gradient_checkpointing=False,
-                  disable_tqdm=True, seed=0, ddp_backend="gloo", save_strategy="steps")
+from horizon_opd import HorizonOPDConfig
+from horizon_opd.horizon import ProgressiveHorizon, horizon_at
+from horizon_opd.teacher import check_heads_share_a_device, check_teacher_for_deepspeed
 
 
 # ----------------------------------------------------------------------------------------------- configs and checks
 @pytest.mark.parametrize("name, stage, offload", [("zero2", 2, "none"), ("zero3", 3, "none"),
                                                   ("zero3_offload", 3, "cpu")])
 def test_shipped_accelerate_configs_load(name, stage, offload):
-    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
     assert config.distributed_type == "DEEPSPEED" and config.num_processes == 8 and config.mixed_precision == "bf16"
     ds = config.deepspeed_config
     assert ds["zero_stage"] == stage
@@ -59,19 +53,19 @@ def test_trl_zero3_seams_we_rely_on():
 def test_teachers_deepspeed_cannot_take_are_rejected_with_the_fix():
     dispatched = SimpleNamespace(hf_device_map={"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1})
     with pytest.raises(ValueError, match=r"dispatched over several devices.*Load it with device_map=None"):
-        _check_teacher_for_deepspeed(dispatched, 2)
+        check_teacher_for_deepspeed(dispatched, 2)
     quantized = SimpleNamespace(is_loaded_in_4bit=True)
     with pytest.raises(ValueError, match=r"quantized \(4-bit\).*cannot be prepared for ZeRO-3.*use ZeRO-2"):
-        _check_teacher_for_deepspeed(quantized, 3)
-    _check_teacher_for_deepspeed(quantized, 2)  # replicated, not partitioned: ZeRO-2 leaves it alone
-    _check_teacher_for_deepspeed(SimpleNamespace(hf_device_map={"": 0}), 3)  # one device: nothing to undo
+        check_teacher_for_deepspeed(quantized, 3)
+    check_teacher_for_deepspeed(quantized, 2)  # replicated, not partitioned: ZeRO-2 leaves it alone
+    check_teacher_for_deepspeed(SimpleNamespace(hf_device_map={"": 0}), 3)  # one device: nothing to undo
 
 
 def test_a_launch_that_would_train_alone_names_the_backend(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"started 2 DeepSpeed processes but this one sees a world of 1.*gloo"):
-        _check_deepspeed_processes(SimpleNamespace(world_size=1))
-    _check_deepspeed_processes(SimpleNamespace(world_size=2))
+        HorizonOPDConfig._check_deepspeed_processes(SimpleNamespace(world_size=1))
+    HorizonOPDConfig._check_deepspeed_processes(SimpleNamespace(world_size=2))
 
 
 def _model_with_head_on(device: str):
@@ -89,81 +83,30 @@ def test_heads_on_different_devices_are_rejected_with_the_fix(tmp_path, student,
     # there is no second device here: the same check on stand-ins whose heads report two GPUs
     with pytest.raises(ValueError, match=r"student lm_head is on cuda:0 but the teacher lm_head is on cuda:1.*"
                                          r"puts 'lm_head' on cuda:0"):
-        _check_heads_share_a_device(_model_with_head_on("cuda:0"), _model_with_head_on("cuda:1"))
+        check_heads_share_a_device(_model_with_head_on("cuda:0"), _model_with_head_on("cuda:1"))
 
 
 # ----------------------------------------------------------------------------------------------- real launches
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("ds")
-    vocab = len(tokenizer)
     # teacher vocabulary padded past the tokenizer (like 151936 vs 152064), and the other way round
-    tiny_causal_lm(vocab, hidden_size=32, seed=0).save_pretrained(root / "student")
-    tiny_causal_lm(vocab + 25, hidden_size=48, seed=1).save_pretrained(root / "teacher_padded")
-    tiny_causal_lm(vocab + 25, hidden_size=32, seed=0).save_pretrained(root / "student_padded")
-    tiny_causal_lm(vocab, hidden_size=48, seed=1).save_pretrained(root / "teacher")
-    Dataset.from_dict({"prompt": [f"{i} + {i + 1} =" for i in range(16)]}).save_to_disk(root / "prompts")
-    return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(assets, name: str, config: str, student: str, teacher: str, **settings) -> list[dict]:
-    """`accelerate launch` the shipped `config`, adapted to 2 CPU processes, on tests/ds_train_script.py."""
-    run_dir = assets / name
-    run_dir.mkdir()
-    accelerate_config = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())
-    accelerate_config.update(num_processes=2, use_cpu=True, mixed_precision="no")
-    (run_dir / "accelerate.yaml").write_text(yaml.safe_dump(accelerate_config))
-    settings = {"student": str(assets / student), "teacher": str(assets / teacher), "dataset": str(assets / "prompts"),
-                "output_dir": str(run_dir / "out"), "result_dir": str(run_dir / "result"), **settings}
-    settings["args"] = {**TRAIN_ARGS, **settings["args"]}
-    (run_dir / "settings.json").write_text(json.dumps(settings))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run_dir / "accelerate.yaml"),
-               "--main_process_port", str(_free_port()), str(Path(__file__).parent / "ds_train_script.py"),
-               str(run_dir / "settings.json")]
-    # a rank stuck in a collective would hang forever: the timeout turns that into a failure
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-8000:]
-    return [json.loads((run_dir / "result" / f"rank{r}.json").read_text()) for r in range(2)]
-
-
-def _logged(result, key):
-    return [entry[key] for entry in result["log_history"] if key in entry]
-
-
-def _assert_ranks_agree(ranks, steps, horizons):
-    for rank in ranks:
-        assert rank["world_size"] == 2 and rank["global_step"] == steps
-        assert [g["horizon"] for g in rank["generations"]] == horizons
-        losses = _logged(rank, "loss")
-        assert len(losses) == len(horizons) and all(math.isfinite(v) for v in losses)
-        assert max(max(g["completion_lengths"]) for g in rank["generations"]) <= max(horizons)
-    # logged metrics are reduced over ranks: both logs must be the same
-    for key in ("loss", "horizon/tokens", "completions/mean_length"):
-        assert _logged(ranks[0], key) == _logged(ranks[1], key), key
+    return save_launch_assets(tmp_path_factory.mktemp("ds"), len(tokenizer))
 
 
 @pytest.mark.slow
 def test_zero3_progressive_with_uneven_rollouts_checkpoints_and_resumes(assets, tokenizer):
     progressive = dict(horizon="progressive", progressive_start_ratio=0.25, progressive_ramp_fraction=1.0)
     args = dict(max_steps=4, save_steps=2, ds3_gather_for_generation=False, **progressive)
-    schedule = HorizonSchedule(mode="progressive", max_completion_length=8, progressive_start_ratio=0.25,
-                               progressive_ramp_fraction=1.0)
-    horizons = [schedule.tokens_at(step, 4) for step in range(4)]
+    schedule = ProgressiveHorizon(max_completion_length=8, progressive_start_ratio=0.25,
+                                  progressive_ramp_fraction=1.0)
+    horizons = [horizon_at(step, 4, schedule) for step in range(4)]
     assert horizons == [2, 4, 5, 7]
 
     # Rank 1's rollouts all end at their first token (EOS); rank 0's run to the horizon. Without gathering the ZeRO-3
     # weights for generation, every decoding step is a collective, so this hangs unless generate syncs the ranks.
-    first = launch(assets, "zero3_progressive", "zero3", "student", "teacher_padded", args=args, eos_rank=1,
+    first = launch_training(assets, "zero3_progressive", "zero3", "student", "teacher_padded", args=args, eos_rank=1,
                    check_bad_teacher=True)
-    _assert_ranks_agree(first, 4, horizons)
+    assert_ranks_agree(first, 4, horizons)
     assert all(g["completion_lengths"] == [1] * 4 for g in first[1]["generations"])
     assert all(max(g["completion_lengths"]) == g["horizon"] for g in first[0]["generations"])
     assert all(rank["zero_stage"] == 3 and rank["teacher_head_partitioned"] for rank in first)
@@ -177,14 +120,14 @@ def test_zero3_progressive_with_uneven_rollouts_checkpoints_and_resumes(assets, 
     saved = load_file(checkpoint / "model.safetensors")
     assert not torch.equal(initial["lm_head.weight"], saved["lm_head.weight"])  # the student trained
 
-    resumed = launch(assets, "zero3_resume", "zero3", "student", "teacher_padded", args=args, eos_rank=1,
+    resumed = launch_training(assets, "zero3_resume", "zero3", "student", "teacher_padded", args=args, eos_rank=1,
                      resume_from=str(checkpoint))
     for rank in resumed:
         assert rank["global_step"] == 4
         assert [g["step"] for g in rank["generations"]] == [2, 3]
         assert [g["horizon"] for g in rank["generations"]] == horizons[2:]
-        assert _logged(rank, "horizon/tokens") == horizons  # restored history + new steps read as one run
-        losses = _logged(rank, "loss")
+        assert logged_in(rank, "horizon/tokens") == horizons  # restored history + new steps read as one run
+        losses = logged_in(rank, "loss")
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
 
@@ -192,9 +135,9 @@ def test_zero3_progressive_with_uneven_rollouts_checkpoints_and_resumes(assets, 
 def test_zero3_truncated_trains_a_student_with_a_padded_vocabulary(assets, tokenizer):
     """A padded student head is gathered, sliced and copied per micro-batch; its gradient must still reach the
     ZeRO-3 partitioned parameter: the shared rows train, the padding rows (no gradient) stay as they were."""
-    ranks = launch(assets, "zero3_truncated", "zero3", "student_padded", "teacher",
+    ranks = launch_training(assets, "zero3_truncated", "zero3", "student_padded", "teacher",
                    args=dict(max_steps=2, save_steps=2, horizon="truncated", truncation_ratio=0.5))
-    _assert_ranks_agree(ranks, 2, [4, 4])
+    assert_ranks_agree(ranks, 2, [4, 4])
     vocab = len(tokenizer)
     before = load_file(assets / "student_padded" / "model.safetensors")["lm_head.weight"]
     after = load_file(assets / "zero3_truncated" / "out" / "checkpoint-2" / "model.safetensors")["lm_head.weight"]
@@ -202,12 +145,94 @@ def test_zero3_truncated_trains_a_student_with_a_padded_vocabulary(assets, token
     assert torch.equal(before[vocab:], after[vocab:])
 
 
+def _cpu_adam_build_missing() -> str | None:
+    """Why DeepSpeed's CPU Adam (needed to offload the optimizer) cannot be JIT-compiled here, or None."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (pip install ninja; it is in the `test` extra)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} is not on PATH; install g++)"
+    return None
+
+
+@pytest.mark.slow
+def test_zero3_offload_progressive_checkpoints_and_resumes(assets):
+    """examples/accelerate/zero3_offload.yaml launched for real: optimizer states and parameters offloaded to CPU,
+    DeepSpeedCPUAdam stepping. Its op is JIT-compiled with ninja on first use (about 80 s once; cached in
+    ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR, outside the repository)."""
+    missing = _cpu_adam_build_missing()
+    if missing:
+        pytest.skip(f"zero3_offload.yaml needs DeepSpeed's CPU Adam, which cannot be built here: {missing}")
+    args = dict(max_steps=4, save_steps=2, horizon="progressive", progressive_start_ratio=0.25,
+                progressive_ramp_fraction=1.0)
+    first = launch_training(assets, "zero3_offload", "zero3_offload", "student", "teacher_padded", args=args)
+    assert_ranks_agree(first, 4, [2, 4, 5, 7])
+    for rank in first:
+        assert rank["zero_stage"] == 3 and rank["teacher_head_partitioned"]
+        assert rank["offload"] == {"optimizer": "cpu", "param": "cpu"}
+        assert rank["base_optimizer"] == "DeepSpeedCPUAdam"
+    checkpoint = assets / "zero3_offload" / "out" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").exists() and (checkpoint / "global_step2").is_dir()
+    initial = load_file(assets / "student" / "model.safetensors")
+    saved = load_file(checkpoint / "model.safetensors")
+    assert not torch.equal(initial["lm_head.weight"], saved["lm_head.weight"])  # the student trained
+
+    resumed = launch_training(assets, "zero3_offload_resume", "zero3_offload", "student", "teacher_padded", args=args,
+                              resume_from=str(checkpoint))
+    for rank in resumed:
+        assert rank["global_step"] == 4 and [g["step"] for g in rank["generations"]] == [2, 3]
+        assert [g["horizon"] for g in rank["generations"]] == [5, 7]
+        assert logged_in(rank, "horizon/tokens") == [2, 4, 5, 7]
+        assert all(math.isfinite(v) for v in logged_in(rank, "loss"))
+
+
+# Issue 16.1: rank 0's rollouts stop at EOS on their first token (8 loss tokens), rank 1's run to the horizon (8 x 80
+# = 640 loss tokens in full mode): on CPU the loss used to call TRL's kernel once per 128-row block, and under ZeRO-3 every
+# call gathers the partitioned lm_heads, so the ranks issued different numbers of collectives and the run hung or died.
+UNEVEN_MODES = {
+    "full": dict(horizon="full"),  # 640 tokens: 5 blocks against 1
+    "truncated": dict(horizon="truncated", truncation_ratio=0.5),  # 320: 3 blocks
+    "progressive": dict(horizon="progressive", progressive_start_ratio=0.5, progressive_ramp_fraction=1.0),  # 320, 480
+}
+
+
+@pytest.mark.slow
+def test_zero3_rollouts_uneven_by_several_row_blocks_train_in_every_mode(assets):
+    """One launch, the three modes trained one after the other in the same two processes (2 steps each), then (issue
+    16.2) `ds3_gather_for_generation=False` with both ranks sampling freely, where each decoding step is a collective."""
+    args = dict(max_completion_length=80, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=2,
+                save_strategy="no")
+    runs = [{"name": mode, "args": mode_args} for mode, mode_args in UNEVEN_MODES.items()]
+    runs.append({"name": "no_gather", "args": dict(ds3_gather_for_generation=False), "eos_rank": None,
+                 "horizon_rank": None})
+    # issue 11: the adaptive policy steers by metrics gathered over both ranks, whose local profiles differ wildly
+    runs.append({"name": "adaptive", "args": dict(horizon="adaptive", adaptive_probe_every=2, max_steps=4,
+                                                  adaptive_tolerance=0.05)})
+    results = launch_training(assets, "zero3_uneven", "zero3", "student", "teacher", args=args, eos_rank=0,
+                              horizon_rank=1, runs=runs)
+    adaptive = results.pop("adaptive")
+    assert adaptive[0]["horizon_history"] == adaptive[1]["horizon_history"]
+    assert adaptive[0]["horizon_history"][::2] == [80, 80] and len(adaptive[0]["horizon_history"]) == 4
+    assert adaptive[0]["policy_decisions"] == adaptive[1]["policy_decisions"] and len(adaptive[0]["policy_decisions"]) == 2
+    no_gather = results.pop("no_gather")
+    assert_ranks_agree(no_gather, 2, [80, 80])
+    for mode, ranks in results.items():
+        horizons = [g["horizon"] for g in ranks[0]["generations"]]
+        assert horizons == {"full": [80, 80], "truncated": [40, 40], "progressive": [40, 60]}[mode]
+        assert_ranks_agree(ranks, 2, horizons)
+        assert all(g["completion_lengths"] == [1] * 8 for g in ranks[0]["generations"]), mode
+        # rank 1 holds at least two more 128-row blocks of loss tokens than rank 0 at every step
+        assert all(g["completion_lengths"] == [g["horizon"]] * 8 for g in ranks[1]["generations"]), mode
+
+
 @pytest.mark.slow
 def test_zero2_progressive_stages_with_a_padded_teacher(assets):
     args = dict(max_steps=2, save_steps=2, horizon="progressive", progressive_schedule="stages",
                 progressive_stage_ratios=[0.5, 1.0], progressive_stage_fractions=[0.0, 0.5])
-    ranks = launch(assets, "zero2", "zero2", "student", "teacher_padded", args=args)
-    _assert_ranks_agree(ranks, 2, [4, 8])
+    ranks = launch_training(assets, "zero2", "zero2", "student", "teacher_padded", args=args)
+    assert_ranks_agree(ranks, 2, [4, 8])
     assert all(rank["zero_stage"] == 2 and not rank["teacher_head_partitioned"] for rank in ranks)
     checkpoint = assets / "zero2" / "out" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").exists() and (checkpoint / "global_step2").is_dir()

@@ -70,13 +70,13 @@ def test_quick_command_writes_results_and_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert (out / "accuracy_vs_time.png").stat().st_size > 10_000
-    for key in ("teacher_accuracy", "student_accuracy", "machine", "methods"):
+    for key in ("teacher_accuracy", "student_accuracy", "machine", "methods", "bars"):
         assert key in results
     names = [m["name"] for m in results["methods"]]
-    assert names == ["OPD", "TOPD rho=0.1", "TOPD rho=0.5", "POPD linear 0.1->1"]
+    assert names == ["OPD", "TOPD rho=0.1", "POPD linear 0.1->1", "Anchored rho=0.1 every 10", "Adaptive 0.1-1"]
     for m in results["methods"]:
         assert set(m) >= {"name", "horizon", "final_accuracy", "train_seconds", "tokens_generated",
-                          "peak_memory_mb", "curve"}
+                          "peak_memory_mb", "curve", "horizons", "policy_state", "alarm_events"}
         assert 0.0 <= m["final_accuracy"] <= 1.0 and m["train_seconds"] > 0 and m["peak_memory_mb"] > 0
         assert [p["step"] for p in m["curve"]] == [0, 4, 8]
         assert all(0.0 <= p["accuracy"] <= 1.0 for p in m["curve"])
@@ -86,12 +86,46 @@ def test_quick_command_writes_results_and_plot(tmp_path):
     steps, batch = results["settings"]["steps"], results["settings"]["batch_size"]
     assert by_name["TOPD rho=0.1"]["tokens_generated"] <= steps * batch * -(-L // 10)
     assert by_name["TOPD rho=0.1"]["tokens_generated"] < 0.3 * by_name["OPD"]["tokens_generated"]
+    assert by_name["Anchored rho=0.1 every 10"]["horizons"] == [L] + [-(-L // 10)] * (steps - 1)
+    assert by_name["Adaptive 0.1-1"]["horizons"][0] == L and by_name["Adaptive 0.1-1"]["horizon"]["horizon"] == \
+        "adaptive"
+    assert {r["method"] for r in results["bars"]["per_seed"]} == set(names)
     assert "| OPD |" in proc.stdout
+    assert "distilling:" not in proc.stdout  # not a terminal: one line per run, no progress bar rewrites
+    assert "OPD seed 0: accuracy" in proc.stdout
 
 
-@pytest.mark.parametrize("bad", ["opd2", "popd-cosine"])
-def test_unknown_method_is_a_clear_error(bad):
-    from horizon_opd.cli import parse_method
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "topdX"], "argument --methods: unknown method 'topdX'"),
+    (["--methods", "popd-cosine"], "argument --methods: unknown method 'popd-cosine'"),
+    (["--methods", "topd1.5"], "truncation_ratio=1.5 is outside"),
+    (["--student", "/missing/dir"], "argument --student: '/missing/dir' is not a model directory"),
+    (["--steps", "0"], "argument --steps: 0 must be >= 1"),
+    (["--learning-rate", "-1"], "argument --learning-rate: -1.0 must be > 0"),
+    (["--dataset", "/missing.jsonl"], "argument --dataset: '/missing.jsonl' does not exist"),
+])
+def test_bad_command_lines_get_one_line_and_status_2(argv, message, tmp_path, capsys):
+    from horizon_opd.cli import parse_args
 
-    with pytest.raises(SystemExit, match="unknown method"):
-        parse_method(bad)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--output-dir", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # bad input writes nothing
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "only one"}], "has 1 row(s); it needs at least 2"),
+    ([{"question": "a"}, {"question": "b"}], "has no 'prompt' column"),
+])
+def test_bad_datasets_are_named_before_anything_runs(rows, message, tmp_path, capsys):
+    from horizon_opd.cli import run
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--dataset", str(path), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

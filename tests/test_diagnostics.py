@@ -2,7 +2,7 @@
 
 import math
 
-from helpers import make_args
+from testing_utils import make_args
 
 from horizon_opd import HorizonOPDTrainer, kl_by_position
 

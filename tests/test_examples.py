@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig
 
-from conftest import tiny_causal_lm
+from testing_utils import tiny_causal_lm
 from horizon_opd import HorizonOPDConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import huggingface_hub
 import pytest
 import yaml
 from fake_hub import FakeHub
-from helpers import make_args
+from testing_utils import make_args
 
 from horizon_opd import HorizonOPDTrainer
 
@@ -29,7 +29,7 @@ def _card(files: dict[str, bytes]) -> tuple[dict, str]:
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory, tokenizer):
     """Run tests/hub_push_script.py (full model, then LoRA adapter) in a process pointed at the fake Hub."""
-    from conftest import tiny_causal_lm
+    from testing_utils import tiny_causal_lm
 
     root = tmp_path_factory.mktemp("hub")
     tiny_causal_lm(len(tokenizer), hidden_size=32, seed=0).save_pretrained(root / "student")

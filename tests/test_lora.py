@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import logged, make_args
+from testing_utils import logged, make_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM

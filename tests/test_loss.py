@@ -9,7 +9,6 @@ from trl.experimental.gkd import GKDTrainer
 
 from horizon_opd.loss import (
     masked_token_mean,
-    position_bin_sums,
     reverse_kl_per_token,
     sampled_kl_per_token,
     token_logprobs,
@@ -95,10 +94,18 @@ def test_masked_token_mean_uses_the_given_normaliser():
     assert masked_token_mean(per_token, mask, torch.tensor(7.0)).item() == pytest.approx(7 / 7)
 
 
-def test_position_bins_by_hand():
-    # horizon 8, 4 bins of 2 positions; positions 0..5 of row 0 and 0..2 of row 1 are completion tokens
-    per_token = torch.arange(16, dtype=torch.float32).view(2, 8)
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
-    sums, counts = position_bin_sums(per_token, mask, horizon=8, num_bins=4)
-    assert counts.tolist() == [4, 3, 2, 0]
-    assert sums.tolist() == [0 + 1 + 8 + 9, 2 + 3 + 10, 4 + 5, 0]
+def test_topk_disagreement_by_hand():
+    from horizon_opd.loss import topk_disagreement_per_token
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(300, 8), torch.randn(50, 8)  # 300 rows: more than one CPU row block
+    same = topk_disagreement_per_token(hidden, weight, hidden, weight, k=5)
+    assert same.shape == (300,) and torch.all(same == 0)
+    # teacher logits are the student's negated: top-5 and bottom-5 of 50 never overlap
+    apart = topk_disagreement_per_token(hidden, weight, hidden, -weight, k=5)
+    assert torch.all(apart == 1)
+    # by hand on 4 tokens, k = 2: student ranks {0, 1}, teacher ranks {1, 2} -> one shared -> 0.5
+    eye = torch.eye(4)
+    student = topk_disagreement_per_token(torch.tensor([[4.0, 3.0, 1.0, 0.0]]), eye,
+                                          torch.tensor([[0.0, 3.0, 4.0, 1.0]]), eye, k=2)
+    assert student.tolist() == [0.5]

@@ -15,12 +15,35 @@ import nbformat
 import pytest
 
 import horizon_opd
+import horizon_opd.analysis
+import horizon_opd.demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-# Seconds each notebook may take on a 2-core CPU, kernel start included: 10 minutes for the three together. Measured
+# Seconds each notebook may take on a 2-core CPU, kernel start included: 15 minutes for the four together. Measured
 # times are in notebooks/README.md.
-BUDGET_S = {"01_quickstart.ipynb": 120, "02_horizon_study.ipynb": 360, "03_lora_and_hub.ipynb": 120}
+BUDGET_S = {"01_quickstart.ipynb": 120, "02_horizon_study.ipynb": 360, "03_lora_and_hub.ipynb": 120,
+            "04_paper_analyses.ipynb": 300}
+TOTAL_BUDGET_S = 900
+# Where a notebook may write in its working directory: its outputs (git-ignored, so running a notebook in place
+# leaves the repository clean) and the private HF_HOME the test gives its kernel.
+ALLOWED_OUTPUTS = {"outputs", ".hf_home"}
+
+
+def _public_names(module) -> set[str]:
+    """`__all__`, or for a module without one, the functions and classes it defines whose names are not private."""
+    if hasattr(module, "__all__"):
+        return set(module.__all__)
+    return {name for name, value in vars(module).items()
+            if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__}
+
+
+# The modules a notebook may import from, and the names it may use from each: the library, its demo, its analyses.
+PUBLIC = {
+    "horizon_opd": set(horizon_opd.__all__) | {"__version__"},
+    "horizon_opd.demo": _public_names(horizon_opd.demo),
+    "horizon_opd.analysis": _public_names(horizon_opd.analysis),
+}
 FAKE_TOKEN = "hf_horizonFakeTokenForTheLoopbackHub"
 
 
@@ -35,9 +58,16 @@ def _code(nb) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------ fast
-def test_every_notebook_has_a_budget_and_they_fit_in_ten_minutes():
+def test_every_notebook_has_a_budget_and_they_fit_in_fifteen_minutes():
     assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(BUDGET_S)
-    assert sum(BUDGET_S.values()) <= 600
+    assert sum(BUDGET_S.values()) <= TOTAL_BUDGET_S
+
+
+def test_what_the_notebooks_write_is_git_ignored():
+    """They write under outputs/ only (checked when they run, below); running one in place must leave no untracked
+    files, so .gitignore lists outputs/."""
+    ignored = (REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert "outputs/" in ignored or "/notebooks/outputs/" in ignored
 
 
 @pytest.mark.parametrize("name", sorted(BUDGET_S))
@@ -50,35 +80,74 @@ def test_notebook_is_stored_without_outputs(name):
     assert "widgets" not in nb.metadata
 
 
+def _api_problems(source: str) -> list[str]:
+    """What in `source` goes beyond the public API: `from M import X` and `import M [as a]` (then `a.X`) are allowed
+    for M in PUBLIC and X among M's public names; any other horizon_opd submodule, or a private name, is not."""
+    problems, aliases = [], {}  # aliases: local name -> module
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "horizon_opd":
+            if node.module not in PUBLIC:
+                problems.append(f"from {node.module} import ...: import from one of {sorted(PUBLIC)}")
+                continue
+            for alias in node.names:
+                if alias.name not in PUBLIC[node.module]:
+                    problems.append(f"{alias.name} is not public in {node.module}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] != "horizon_opd":
+                    continue
+                if alias.name not in PUBLIC:
+                    problems.append(f"import {alias.name}: import from one of {sorted(PUBLIC)}")
+                elif alias.asname:
+                    aliases[alias.asname] = alias.name
+                elif alias.name == "horizon_opd":
+                    aliases["horizon_opd"] = "horizon_opd"
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}  # a.b of a.b.c: check a.b.c once
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            dotted, base = [node.attr], node.value
+            while isinstance(base, ast.Attribute):
+                dotted.insert(0, base.attr)
+                base = base.value
+            if not isinstance(base, ast.Name) or base.id not in aliases:
+                continue
+            module = aliases[base.id]
+            if module == "horizon_opd" and f"horizon_opd.{dotted[0]}" in PUBLIC:
+                if len(dotted) == 1:
+                    continue  # the module itself: horizon_opd.demo
+                module, dotted = f"horizon_opd.{dotted[0]}", dotted[1:]  # horizon_opd.demo.X
+            if dotted[0] not in PUBLIC[module]:
+                problems.append(f"{base.id}.{'.'.join(dotted)}: {dotted[0]} is not public in {module}")
+    return problems
+
+
 @pytest.mark.parametrize("name", sorted(BUDGET_S))
 def test_notebook_uses_only_the_public_api(name):
-    """`from horizon_opd import X` with X in `horizon_opd.__all__`, `demo.X` with X in `horizon_opd.demo.__all__`; no
-    submodule imports (`horizon_opd.demo.compare`, `horizon_opd.trainer`, ...)."""
-    public = {"horizon_opd": set(horizon_opd.__all__) | {"__version__"}, "demo": set(horizon_opd.demo.__all__)}
-    problems = []
-    for source in _code(_read(name)):
-        aliases = {}  # local name -> "horizon_opd" or "demo"
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("horizon_opd"):
-                if node.module != "horizon_opd":
-                    problems.append(f"from {node.module} import ...: import from horizon_opd itself")
-                for alias in node.names:
-                    if alias.name not in public["horizon_opd"]:
-                        problems.append(f"{alias.name} is not in horizon_opd.__all__")
-                    elif alias.name == "demo":
-                        aliases[alias.asname or "demo"] = "demo"
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name.startswith("horizon_opd."):
-                        problems.append(f"import {alias.name}: use the names horizon_opd exports")
-                    elif alias.name == "horizon_opd":
-                        aliases[alias.asname or "horizon_opd"] = "horizon_opd"
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-                module = aliases[node.value.id]
-                if node.attr not in public[module]:
-                    problems.append(f"{node.value.id}.{node.attr} is not public ({module}.__all__)")
+    """Notebooks import the library (`horizon_opd.__all__`), its demo (`horizon_opd.demo.__all__`) and its analyses
+    (`horizon_opd.analysis`), nothing private and no other submodule (`horizon_opd.trainer`, `horizon_opd.demo.compare`,
+    ...)."""
+    problems = [p for source in _code(_read(name)) for p in _api_problems(source)]
     assert not problems, f"{name}: {problems}"
+
+
+@pytest.mark.parametrize("source, allowed", [
+    ("from horizon_opd import HorizonOPDTrainer, horizon_at", True),
+    ("from horizon_opd.demo import run_method, load_demo_models", True),
+    ("from horizon_opd.analysis import prefix_continuation", True),
+    ("import horizon_opd.demo as demo\ndemo.build_datasets()", True),
+    ("import horizon_opd\nhorizon_opd.demo.run_method", True),
+    ("from horizon_opd.trainer import HorizonOPDTrainer", False),
+    ("from horizon_opd.demo.compare import run_method", False),
+    ("from horizon_opd.analysis import _generate", False),
+    ("from horizon_opd import HorizonSchedule", False),
+    ("from horizon_opd.demo import compare", False),
+    ("import horizon_opd.horizon", False),
+    ("import horizon_opd.demo as demo\ndemo.compare.plot", False),
+    ("import horizon_opd\nhorizon_opd.trainer", False),
+])
+def test_the_public_api_rule_itself(source, allowed):
+    assert (not _api_problems(source)) == allowed, _api_problems(source)
 
 
 # ------------------------------------------------------------------------------------------------------------ slow
@@ -113,6 +182,8 @@ def _execute(name: str, workdir: Path, env: dict, then=None):
             then(client, nb)
     print(f"{name}: {seconds:.1f} s")
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    written = {p.name for p in workdir.iterdir()} - ALLOWED_OUTPUTS
+    assert not written, f"{name} wrote {sorted(written)} outside outputs/ (which .gitignore covers)"
     assert seconds <= BUDGET_S[name], f"{name} took {seconds:.0f} s, over its {BUDGET_S[name]} s budget"
     return nb
 
@@ -150,7 +221,7 @@ def test_01_quickstart_runs_and_improves_the_student(tmp_path):
     horizon, L = map(int, re.search(r"training rollouts stop at (\d+) of L = (\d+) tokens", text).groups())
     assert horizon == -(-L // 10)  # ceil(0.1 L)
     assert _figures(nb) == 1
-    assert (tmp_path / "topd-quickstart" / "model.safetensors").is_file()
+    assert (tmp_path / "outputs" / "topd-quickstart" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -188,10 +259,39 @@ def test_03_lora_and_hub_runs_without_a_token_and_pushes_with_one(tmp_path):
     text = _all_text(nb)
     assert "## Distillation setup" in text and "LoRA (r = 16" in text  # the card, displayed
     assert _accuracy(text, "merged model accuracy") == _accuracy(text, "student accuracy with the trained adapter")
-    assert (tmp_path / "demo-student-topd-merged" / "model.safetensors").is_file()
+    assert (tmp_path / "outputs" / "demo-student-topd-merged" / "model.safetensors").is_file()
 
     assert "pushed to" in _text(nb.cells[-1]), _text(nb.cells[-1])
     files = hub.repos[f"{USER}/demo-student-topd-lora"]
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
     assert b"## Distillation setup" in files["README.md"]
     assert not hub.unhandled
+
+
+@pytest.mark.slow
+def test_04_paper_analyses_runs_and_draws_one_figure_per_analysis(tmp_path):
+    nb = _execute("04_paper_analyses.ipynb", tmp_path, _kernel_env(tmp_path))
+    text = _all_text(nb)
+    assert _figures(nb) == 5  # Figs. 13, 9/10, 12, 3/14, 11
+    teacher, student = map(float, re.search(r"teacher ([0-9.]+), student ([0-9.]+)", text).groups())
+
+    # Fig. 13: TOPD lowered the KL in the middle of full-length rollouts, past its own 10% horizon.
+    middle = float(re.search(r"Fig\. 13 .* middle six ([0-9.]+)", text).group(1))
+    assert middle < 1.0, middle
+
+    # Figs. 9/10: ratio 0 is the student alone and ratio 1 the teacher's rollout (prefix_continuation's definition);
+    # after TOPD the student alone does better than before.
+    curves = {label: [float(v) for v in values.split(" / ")] for label, values in re.findall(
+        r"Figs 9/10 (student before|after TOPD rho=0\.1)\s+accuracy at prefix ratio [0-9./ ]+: ([0-9./ ]+)", text)}
+    assert len(curves["student before"]) == len(curves["after TOPD rho=0.1"]) == 5
+    assert curves["student before"][0] == student and curves["student before"][-1] == teacher
+    assert curves["after TOPD rho=0.1"][-1] == teacher
+    assert curves["after TOPD rho=0.1"][0] > curves["student before"][0]
+
+    # Figs. 12, 3/14 and 11: every run over 3 seeds reported; distillation from the teacher helped every variant.
+    for label in ("first half [0, 0.5]", "second half [0.5, 1]", "whole rollout", "token-level, exact (reverse_kl)",
+                  "token-level, sampled", "sequence-level (sequence)"):
+        mean = float(re.search(rf"{re.escape(label)}\s+accuracy ([0-9.]+) ± [0-9.]+", text).group(1))
+        assert mean > student, (label, mean, student)
+    before, after = map(float, re.search(r"Fig\. 11\s+stronger student ([0-9.]+) -> ([0-9.]+)", text).groups())
+    assert before == teacher and after <= before

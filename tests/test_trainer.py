@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers import logged, make_args, record_generations
+from testing_utils import logged, make_args, record_generations, tiny_causal_lm
 from trl import DistillationConfig, DistillationTrainer
 
-from conftest import tiny_causal_lm
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
 from horizon_opd.horizon import horizon_at
 
@@ -41,8 +40,8 @@ def test_generation_stops_at_the_horizon(mode, tmp_path, student, teacher, token
     student.generate = spy
     trainer.train()
 
-    schedule = trainer.horizon_schedule
-    expected = [horizon_at(step, 4, schedule) for step in range(4)]
+    expected = [horizon_at(step, 4, trainer.horizon_policy) for step in range(4)]
+    assert trainer.horizon_history == expected
     assert [r["horizon"] for r in records] == expected
     assert max_new_tokens_seen == expected  # generation itself is bounded; nothing is cut afterwards
     assert logged(trainer, "horizon/tokens") == expected
@@ -60,7 +59,7 @@ def test_truncation_keeps_every_token_and_eos_ends_a_rollout(tmp_path, student, 
     """Rollout 0 ends with EOS before the horizon (then junk that must be ignored); the others are cut by the horizon."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     trainer = _trainer(tmp_path, student, teacher, tokenizer, prompts, horizon="truncated", truncation_ratio=0.5)
-    horizon = trainer.horizon_schedule.tokens_at(0, 4)  # 8 of L = 16
+    horizon = horizon_at(0, 4, trainer.horizon_policy)  # 8 of L = 16
 
     def scripted_generate(input_ids, attention_mask=None, generation_config=None, **kwargs):
         n_new = generation_config.max_new_tokens
@@ -129,15 +128,18 @@ def test_full_mode_generates_the_same_completions_as_trl(tmp_path, student, teac
 
 
 @pytest.mark.parametrize("mode, loss_type", [("full", "reverse_kl"), ("truncated", "reverse_kl"),
-                                             ("progressive", "reverse_kl"), ("full", "sampled")])
+                                             ("progressive", "reverse_kl"), ("full", "sampled"),
+                                             ("full", "sequence")])
 def test_a_few_steps_train_the_student_toward_the_teacher(mode, loss_type, tmp_path, student, teacher, tokenizer,
                                                           prompts):
-    if loss_type == "sampled":
+    if loss_type in ("sampled", "sequence"):
         # The single-sample estimator is noisy where the KL is tiny; a peaked teacher gives it a signal to follow.
         with torch.no_grad():
             teacher.lm_head.weight.mul_(10.0)
-    steps, bound = (30, 0.97) if loss_type == "sampled" else (10, 0.7)
-    trainer = _trainer(tmp_path, student, teacher, tokenizer, prompts, max_steps=steps, learning_rate=1e-2,
+    steps, bound = {"reverse_kl": (10, 0.7), "sampled": (30, 0.97), "sequence": (30, 0.995)}[loss_type]
+    # the reward-to-go sums up to 16 log-ratios of a peaked teacher: a noisier gradient that needs a smaller step
+    lr = 2e-3 if loss_type == "sequence" else 1e-2
+    trainer = _trainer(tmp_path, student, teacher, tokenizer, prompts, max_steps=steps, learning_rate=lr,
                        lr_scheduler_type="constant", loss_type=loss_type, **MODES[mode])
     # the exact reverse KL on a fixed full-horizon batch, before and after training
     probe = HorizonOPDTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path / "probe"),
@@ -160,7 +162,7 @@ def test_resume_mid_progressive_continues_the_horizon(tmp_path, student, teacher
     first_records = record_generations(first)
     first.train()
     uninterrupted = [r["horizon"] for r in first_records]
-    assert uninterrupted == [horizon_at(s, 6, first.horizon_schedule) for s in range(6)]
+    assert uninterrupted == [horizon_at(s, 6, first.horizon_policy) for s in range(6)]
     assert len(set(uninterrupted)) >= 3  # really mid-ramp at step 3
 
     resumed = _trainer(tmp_path, student, teacher, tokenizer, prompts, **overrides)
@@ -173,19 +175,78 @@ def test_resume_mid_progressive_continues_the_horizon(tmp_path, student, teacher
 
 
 def test_position_diagnostics_reconstruct_the_loss(tmp_path, student, teacher, tokenizer, prompts):
-    trainer = _trainer(tmp_path, student, teacher, tokenizer, prompts, position_bins=4)
-    trainer.model.train()
-    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts["prompt"][:4]])
-    trainer._metrics["train"].clear()
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
-    means = [trainer._metrics["train"][f"kl_by_position/bin_{i}"][0] for i in range(4)]
-    mask = batch["completion_mask"]
-    bins = torch.arange(mask.size(1)) * 4 // trainer.current_horizon()
-    counts = [(mask * (bins == i)).sum().item() for i in range(4)]
-    weighted = sum(m * c for m, c in zip(means, counts, strict=True) if c > 0) / sum(counts)
-    assert weighted == pytest.approx(loss, rel=1e-5)
-    assert not any(math.isnan(m) for m, c in zip(means, counts, strict=True) if c > 0)
+    """Gradient accumulation 2 and logging_steps 2 across a stage change (horizons 4, 8 | 8, 16): each step's
+    per-position sums give its loss, and each logged line's bins are token-weighted over its two steps."""
+    trainer = _trainer(tmp_path, student, teacher, tokenizer, prompts, position_bins=4, logging_steps=2,
+                       gradient_accumulation_steps=2, **MODES["stages"])
+    records = []
+    observe = trainer.horizon_policy.observe
+    trainer.horizon_policy.observe = lambda record: (records.append(record), observe(record))
+    trainer.train()
+    assert [r.horizon for r in records] == [4, 8, 8, 16]
+    logs = [e for e in trainer.state.log_history if "kl_by_position/bin_0" in e]
+    assert [e["horizon/tokens"] for e in logs] == [8.0, 16.0]  # the longest horizon of each window, not a mean
+    assert [e["horizon/mean_tokens"] for e in logs] == [6.0, 12.0]
+    for entry, window in zip(logs, (records[:2], records[2:]), strict=True):
+        step_losses = [sum(r.kl_sums) / sum(r.kl_counts) for r in window]
+        assert entry["loss"] == pytest.approx(sum(step_losses) / 2, rel=1e-5)  # Trainer logs the mean step loss
+        horizon = int(entry["horizon/tokens"])
+        for i in range(4):  # bin i holds positions [i * H / 4, (i + 1) * H / 4) of every step in the window
+            positions = range(i * horizon // 4, (i + 1) * horizon // 4)
+            total = sum(r.kl_sums[p] for r in window for p in positions)
+            count = sum(r.kl_counts[p] for r in window for p in positions)
+            assert entry[f"kl_by_position/bin_{i}"] == pytest.approx(total / count, rel=1e-6)
+    assert trainer.generated_tokens == sum(r.generated_tokens for r in records) > 0
+    assert logged(trainer, "horizon/generated_tokens")[-1] == trainer.generated_tokens
+
+
+def test_loss_window_generates_to_its_end_and_trains_inside_it_only(tmp_path, student, teacher, tokenizer, prompts):
+    # L = 16, truncated at 0.5 -> H = 8; window [0.25, 0.75) of H -> generate ceil(0.75 * 8) = 6, train on [2, 6)
+    trainer = _trainer(tmp_path, student, teacher, tokenizer, prompts, max_steps=2, horizon="truncated",
+                       truncation_ratio=0.5, loss_window=[0.25, 0.75], gradient_accumulation_steps=1)
+    records = []
+    observe = trainer.horizon_policy.observe
+    trainer.horizon_policy.observe = lambda record: (records.append(record), observe(record))
+    trainer.train()
+    assert trainer.horizon_history == [6, 6]
+    for record in records:
+        assert record.kl_counts[:2] == [0.0, 0.0] and all(c > 0 for c in record.kl_counts[2:4])
+        assert sum(record.kl_counts[6:]) == 0.0
+
+
+def test_adaptive_on_the_topk_overlap_signal_measures_it_on_probes_only(tmp_path, student, teacher, tokenizer,
+                                                                        prompts):
+    trainer = _trainer(tmp_path, student, teacher, tokenizer, prompts, max_steps=4, horizon="adaptive",
+                       adaptive_probe_every=2, adaptive_signal="topk_overlap", adaptive_top_k=4,
+                       gradient_accumulation_steps=1)
+    records = []
+    observe = trainer.horizon_policy.observe
+    trainer.horizon_policy.observe = lambda record: (records.append(record), observe(record))
+    trainer.train()
+    assert [r.signal_sums is not None for r in records] == [True, False, True, False]
+    probe = records[0]
+    assert all(0.0 <= s <= c + 1e-9 for s, c in zip(probe.signal_sums, probe.kl_counts, strict=True))
+    assert [d["step"] for d in trainer.horizon_policy.decisions] == [0, 2]
+
+
+def test_resume_mid_adaptive_reproduces_the_horizons(tmp_path, student, teacher, tokenizer, prompts):
+    overrides = dict(max_steps=8, save_strategy="steps", save_steps=4, horizon="adaptive", adaptive_probe_every=2,
+                     adaptive_min_ratio=0.125, adaptive_tolerance=0.05, gradient_accumulation_steps=1)
+    first = _trainer(tmp_path, copy.deepcopy(student), copy.deepcopy(teacher), tokenizer, prompts, **overrides)
+    first.train()
+    uninterrupted = first.horizon_history
+    assert uninterrupted[::2] == [16] * 4  # probes at the full horizon
+    assert len(first.horizon_policy.decisions) == 4
+
+    resumed = _trainer(tmp_path, student, teacher, tokenizer, prompts, **overrides)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert len(set(uninterrupted[1::2])) > 1  # the controller moved: the state restored at step 4 matters
+    assert resumed.horizon_history == uninterrupted
+    ratios = [d["ratio"] for d in first.horizon_policy.decisions]
+    assert [d["ratio"] for d in resumed.horizon_policy.decisions] == ratios
+    # the restored first-probe reference is bit-identical; later profiles agree to float noise of the resumed steps
+    assert resumed.horizon_policy.first_profile == first.horizon_policy.first_profile
+    assert resumed.generated_tokens == first.generated_tokens  # the cost figure continues too
 
 
 def test_padded_teacher_vocabulary_is_compared_over_the_shared_vocabulary(tmp_path, tokenizer, prompts):
@@ -240,8 +301,9 @@ def test_dataset_without_prompt_column_names_the_columns(tmp_path, student, teac
     [
         ({"horizon": "truncated", "truncation_ratio": 0.0}, r"truncation_ratio=0.0 is outside \(0, 1\]"),
         ({"horizon": "truncated", "truncation_ratio": 1.2}, r"truncation_ratio=1.2 is outside \(0, 1\]"),
-        ({"horizon": "half"}, r"horizon='half' is not a horizon mode"),
+        ({"horizon": "half"}, r"horizon='half' is not a horizon policy"),
         ({"loss_type": "forward_kl"}, r"loss_type='forward_kl' is unknown"),
+        ({"loss_window": [0.5, 0.2]}, r"loss_window=\[0.5, 0.2\] has start=0.5, end=0.2 out of order"),
         ({"max_completion_length": 0}, r"max_completion_length=0 must be an integer >= 1"),
         ({"horizon": "progressive", "progressive_schedule": "stages", "progressive_stage_ratios": [0.5, 0.25, 1.0],
           "progressive_stage_fractions": [0.0, 0.3, 0.6]}, r"decreases"),

@@ -21,6 +21,9 @@ def test_overridden_methods_keep_their_signatures():
         "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "has_tool_images"],
         "_compute_loss": ["self", "unwrapped_student", "inputs", "num_items_in_batch"],
         "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+        "training_step": ["self", "model", "inputs", "num_items_in_batch"],
+        "log": ["self", "logs", "start_time"],
+        "_save_checkpoint": ["self", "model", "trial"],
         "_get_last_hidden_state": ["self", "unwrapped_model", "input_ids", "attention_mask", "logits_to_keep"],
         "_generate_and_score_completions": ["self", "inputs"],
     }
@@ -65,3 +68,34 @@ def test_metrics_and_model_card_hooks_exist():
     for attr in ("_tag_names", "_name", "_paper", "create_model_card"):
         assert hasattr(DistillationTrainer, attr)
     assert "completions/clipped_ratio" in inspect.getsource(DistillationTrainer._generate)
+
+
+def test_multimodal_keys_equal_trls_local_tuple():
+    """TRL keeps the tuple local to `_compute_loss`, so we copy it; this pins the copy."""
+    import ast
+
+    from horizon_opd.trainer import MULTIMODAL_KEYS
+
+    tree = ast.parse(inspect.getsource(DistillationTrainer._compute_loss).strip().replace("\n    ", "\n"))
+    tuples = [node for node in ast.walk(tree) if isinstance(node, ast.Assign)
+              and any(getattr(t, "id", None) == "multimodal_keys" for t in node.targets)]
+    assert len(tuples) == 1
+    assert tuple(ast.literal_eval(tuples[0].value)) == MULTIMODAL_KEYS
+
+
+def test_end_of_step_is_where_trl_counts_it():
+    """`HorizonOPDTrainer.training_step` closes a step on TRL's own condition: TRL increments `_step` in
+    `training_step` and closes its step timer on `_step % current_gradient_accumulation_steps == 0`."""
+    source = inspect.getsource(DistillationTrainer.training_step)
+    assert "self._step += 1" in source
+    assert "self._step % self.current_gradient_accumulation_steps == 0" in source
+
+
+def test_checkpoint_state_rides_in_trainer_state():
+    """The horizon state is stored in `state.stateful_callbacks`, which transformers writes to trainer_state.json at
+    save and reads back on resume without needing a callback of that name."""
+    from transformers import Trainer, TrainerState
+
+    assert "self.state.save_to_json" in inspect.getsource(Trainer._save_checkpoint)
+    state = TrainerState(stateful_callbacks={"HorizonOPDTrainer": {"args": {}, "attributes": {"x": 1}}})
+    assert state.stateful_callbacks["HorizonOPDTrainer"]["attributes"] == {"x": 1}

@@ -3,6 +3,7 @@ package so the library's main job runs offline on a CPU (`horizon-opd`, the note
 
 from pathlib import Path
 
+from .compare import DEFAULT_METHOD_NAMES, Method, method, run_comparison, run_method
 from .evaluation import evaluate_accuracy, generate_completions
 from .task import MAX_COMPLETION_LENGTH, accuracy, build_datasets, extract_answer
 from .tokenizer import build_char_tokenizer
@@ -31,16 +32,25 @@ def load_prompt_dataset(path: str, test_fraction: float = 0.1, seed: int = 0):
     else:
         data = load_dataset("json", data_files=path)["train"]
     if isinstance(data, Dataset):
-        data = data.train_test_split(test_size=test_fraction, seed=seed)
+        data = DatasetDict(train=data)
     if not isinstance(data, DatasetDict) or "train" not in data:
         raise ValueError(f"{path} must hold a Dataset or a DatasetDict with a 'train' split; found {type(data)}.")
+    for split, rows in data.items():
+        if "prompt" not in rows.column_names:
+            raise ValueError(f"{path} has no 'prompt' column in its {split!r} split (columns: {rows.column_names}); "
+                             f"name the column holding the prompts 'prompt'.")
     if "test" not in data:
+        if len(data["train"]) < 2:
+            raise ValueError(f"{path} has {len(data['train'])} row(s); it needs at least 2 to hold some out for "
+                             f"evaluation (or a DatasetDict with 'train' and 'test' splits).")
         data = data["train"].train_test_split(test_size=test_fraction, seed=seed)
     return data
 
 
 __all__ = [
+    "DEFAULT_METHOD_NAMES",
     "MAX_COMPLETION_LENGTH",
+    "Method",
     "STUDENT_PATH",
     "TEACHER_PATH",
     "accuracy",
@@ -51,4 +61,7 @@ __all__ = [
     "generate_completions",
     "load_demo_models",
     "load_prompt_dataset",
+    "method",
+    "run_comparison",
+    "run_method",
 ]

@@ -1,22 +1,25 @@
-"""OPD vs TOPD vs POPD on the same step budget: train each method from the same student, evaluate held-out greedy
-accuracy at the full horizon along the way, and measure training seconds, generated tokens and peak memory."""
+"""Horizon policies compared on the same step budget: train each method from the same student, evaluate held-out
+greedy accuracy at the full horizon along the way, and measure training seconds, generated tokens and peak memory;
+then summarize over seeds, compare with OPD, print a table and plot accuracy against training time."""
 
 import copy
 import math
-import os
-import platform
-import resource
-import threading
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
 from transformers import PrinterCallback
 
 from ..callbacks import HeldOutEvalCallback
 from ..config import HorizonOPDConfig
+from ..diagnostics import kl_by_position
+from ..horizon import policy_from_alias
 from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
+from .measure import PeakRSS, machine_description
+
+DEFAULT_METHOD_NAMES = ("opd", "topd0.1", "popd", "anchored", "adaptive")
 
 
 @dataclass
@@ -27,57 +30,30 @@ class Method:
     horizon: dict = field(default_factory=dict)
 
 
-DEFAULT_METHODS = [
-    Method("OPD", {"horizon": "full"}),
-    Method("TOPD rho=0.1", {"horizon": "truncated", "truncation_ratio": 0.1}),
-    Method("TOPD rho=0.5", {"horizon": "truncated", "truncation_ratio": 0.5}),
-    Method("POPD linear 0.1->1", {"horizon": "progressive", "progressive_schedule": "linear",
-                                  "progressive_start_ratio": 0.1, "progressive_ramp_fraction": 0.5}),
-]
-
-
-def machine_description() -> str:
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads".replace("  ", " ")
-
-
-class PeakRSS:
-    """Peak resident memory (MB) of this process while the block runs, sampled every 20 ms (getrusage's maximum is
-    process-lifetime, so it cannot separate methods that run one after another in the same process)."""
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    def _sample(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except OSError:  # not Linux: fall back to the lifetime maximum
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def method(name: str) -> Method:
+    """The method a command-line name stands for (`opd`, `topd0.1`, `popd`, `popd-stages`, `anchored`, `adaptive`,
+    ...), labelled by its policy. Raises ValueError naming the accepted names."""
+    policy_cls, settings = policy_from_alias(name)
+    policy = policy_cls(max_completion_length=100, **settings)  # validates; the label does not depend on L
+    return Method(policy.label(), {"horizon": policy.name, **settings})
 
 
 def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_dataset, *, output_dir: str,
                max_steps: int, batch_size: int, learning_rate: float, max_completion_length: int, eval_every: int,
                seed: int, temperature: float = 1.0, on_step=None, extra_args: dict | None = None,
-               evaluate=None) -> dict:
-    """Distill a copy of `student` with one method; returns the record written to results.json."""
+               evaluate=None, watch_size: int = 16) -> dict:
+    """Distill a copy of `student` with one method; returns the record written to results.json.
+
+    Every `eval_every` steps `evaluate(model)` gives the held-out accuracy, and `trainer.evaluate()` on the first
+    `watch_size` held-out prompts measures the reverse KL of full-horizon rollouts, which the collapse alarm reads (a
+    truncated run never generates past its horizon otherwise). Neither counts in `train_seconds`."""
     evaluate = evaluate or (lambda model: evaluate_accuracy(model, tokenizer, eval_dataset, max_completion_length))
+    watch = eval_dataset.select(range(min(watch_size, len(eval_dataset)))) if watch_size else None
     args = HorizonOPDConfig(
         output_dir=output_dir,
+        eval_strategy="steps" if watch is not None else "no",
+        eval_steps=eval_every,
+        per_device_eval_batch_size=max(1, watch_size),
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,
@@ -97,25 +73,109 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
         **(extra_args or {}),
     )
     callback = HeldOutEvalCallback(evaluate, every=eval_every, on_step=on_step)
+    # With `teacher_model_server_url` in extra_args, teacher is None: the server scores the rollouts.
     trainer = HorizonOPDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args,
-                                train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback])
+                                train_dataset=train_dataset, eval_dataset=watch, processing_class=tokenizer,
+                                callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # the progress bar and the final table report progress instead
     with PeakRSS() as memory:
         trainer.train()
     curve = callback.curve
+    history = trainer.state.log_history
     return {
         "name": method.name,
         "seed": seed,
-        "horizon": {**method.horizon, "max_completion_length": max_completion_length},
+        "horizon": {**trainer.horizon_policy.setting_values(), "max_completion_length": max_completion_length},
         "final_accuracy": curve[-1]["accuracy"],
         "train_seconds": curve[-1]["train_seconds"],
         "tokens_generated": trainer.generated_tokens,
+        "teacher_scored_tokens": trainer.teacher_scored_tokens if trainer.remote_teacher is not None else None,
         "peak_memory_mb": round(memory.peak, 1),
         "curve": curve,
-        "horizons": [e["horizon/tokens"] for e in trainer.state.log_history if "horizon/tokens" in e],
-        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "horizons": list(trainer.horizon_history),
+        "losses": [e["loss"] for e in history if "loss" in e],
+        "kl_by_position": kl_by_position(history),
+        "eval_kl_by_position": kl_by_position(history, prefix="eval_"),
+        "alarm": [e.get("horizon/alarm", 0.0) for e in history if "horizon/alarm" in e and "loss" in e],
+        "policy_state": trainer.horizon_policy.state_dict(),
+        "alarm_events": trainer.alarm.events,
         "model": trainer.model,
     }
+
+
+def run_comparison(methods: list[Method], student, teacher, tokenizer, train_dataset, eval_dataset, *, seeds,
+                   out: Path, steps: int, batch_size: int, learning_rate: float, max_completion_length: int,
+                   eval_every: int, evaluate, save_model: bool = False, settings: dict | None = None,
+                   extra_args: dict | None = None) -> dict:
+    """Every method for every seed, one after another in this process; returns the results (written to
+    `out/results.json`, with the plot `out/accuracy_vs_time.png`). `extra_args` are config fields for every run
+    (e.g. `teacher_model_server_url` with `teacher=None`: the teacher's accuracy is then not measured, NaN)."""
+    teacher_accuracy = evaluate(teacher) if teacher is not None else float("nan")
+    student_accuracy = evaluate(student)
+    print(f"teacher held-out accuracy {teacher_accuracy:.3f}   student before distillation {student_accuracy:.3f}")
+    progress = _Progress(steps * len(methods) * len(seeds))
+    records = []
+    for seed in seeds:
+        for m in methods:
+            progress.start(f"{m.name} seed {seed}")
+            record = run_method(m, student, teacher, tokenizer, train_dataset, eval_dataset,
+                                output_dir=str(out / "trainer"), max_steps=steps, batch_size=batch_size,
+                                learning_rate=learning_rate, max_completion_length=max_completion_length,
+                                eval_every=eval_every, seed=seed, on_step=progress.step, evaluate=evaluate,
+                                extra_args=extra_args)
+            model = record.pop("model")
+            if save_model:
+                path = out / "models" / f"{m.name.replace(' ', '_').replace('>', '')}_seed{seed}"
+                model.save_pretrained(path)
+                tokenizer.save_pretrained(path)
+            progress.done(f"{m.name} seed {seed}: accuracy {record['final_accuracy']:.3f}, "
+                          f"{record['train_seconds']:.1f} s, {record['tokens_generated']} tokens")
+            records.append(record)
+    progress.close()
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_description(),
+        "settings": {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
+                     "eval_every": eval_every, "max_completion_length": max_completion_length, "seeds": list(seeds),
+                     "eval_prompts": len(eval_dataset), **(extra_args or {}), **(settings or {})},
+        "teacher_accuracy": teacher_accuracy,
+        "student_accuracy": student_accuracy,
+        "methods": records,
+        "summary": summarize(records),
+    }
+    results["bars"] = compare_with_opd(results)
+    (out / "results.json").write_text(_json(results))
+    plot(results, out / "accuracy_vs_time.png")
+    print(format_table(results))
+    print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_time.png'}")
+    return results
+
+
+class _Progress:
+    """A progress bar on a terminal; on a log file or pipe, one line per finished run instead of a rewritten line."""
+
+    def __init__(self, total: int):
+        self.interactive = sys.stdout.isatty()
+        if self.interactive:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="distilling", unit="step", file=sys.stdout)
+
+    def start(self, label: str):
+        if self.interactive:
+            self.bar.set_postfix_str(label)
+
+    def step(self):
+        if self.interactive:
+            self.bar.update()
+
+    def done(self, line: str):
+        if not self.interactive:
+            print(line, flush=True)
+
+    def close(self):
+        if self.interactive:
+            self.bar.close()
 
 
 def time_to_reach(curve: list[dict], target: float) -> float | None:
@@ -129,3 +189,127 @@ def time_to_reach(curve: list[dict], target: float) -> float | None:
 def mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per method: mean and standard deviation over seeds."""
+    rows = []
+    for name in dict.fromkeys(r["name"] for r in records):
+        runs = [r for r in records if r["name"] == name]
+        row = {"name": name, "seeds": len(runs)}
+        for key in ("final_accuracy", "train_seconds", "tokens_generated", "peak_memory_mb", "teacher_scored_tokens"):
+            if all(r.get(key) is not None for r in runs):  # teacher_scored_tokens: remote teacher only
+                row[key], row[key + "_std"] = mean_std([float(r[key]) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def compare_with_opd(results: dict) -> dict:
+    """Per seed and method, against OPD of the same seed: the final-accuracy gap (OPD minus method), the training-time
+    and token ratios, and the training seconds each needs to reach 90% of OPD's final accuracy (the paper's POPD
+    comparison). Methods without an OPD run of their seed are left out."""
+    by_seed = {}
+    for r in results["methods"]:
+        by_seed.setdefault(r["seed"], {})[r["name"]] = r
+    rows = []
+    for seed, runs in by_seed.items():
+        opd = runs.get("OPD")
+        if opd is None:
+            continue
+        target = 0.9 * opd["final_accuracy"]
+        opd_time = time_to_reach(opd["curve"], target)
+        for name, r in runs.items():
+            if name == "OPD":
+                rows.append({"seed": seed, "method": name, "opd_gain": opd["final_accuracy"] -
+                             results["student_accuracy"], "time_to_90pct": opd_time})
+                continue
+            time_90 = time_to_reach(r["curve"], target)
+            rows.append({
+                "seed": seed, "method": name,
+                "accuracy_gap": opd["final_accuracy"] - r["final_accuracy"],
+                "time_ratio": r["train_seconds"] / opd["train_seconds"],
+                "token_ratio": r["tokens_generated"] / max(1, opd["tokens_generated"]),
+                "time_to_90pct": time_90,
+                "time_to_90pct_ratio": None if (time_90 is None or not opd_time) else time_90 / opd_time,
+            })
+    return {"per_seed": rows}
+
+
+def format_table(results: dict) -> str:
+    s = results["settings"]
+    lines = [
+        f"teacher accuracy {results['teacher_accuracy']:.3f}, student before {results['student_accuracy']:.3f}, "
+        f"{s['steps']} steps x {s['batch_size']} prompts, lr {s['learning_rate']:g}, L = {s['max_completion_length']}, "
+        f"seeds {s['seeds']}",
+        "| method | final accuracy | train seconds | tokens generated | peak memory (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    remote = all("teacher_scored_tokens" in row for row in results["summary"])
+    if remote:  # a teacher server scored the rollouts: its cost, in tokens
+        lines[1:3] = [lines[1] + " tokens scored by the teacher server |", lines[2] + "---|"]
+    for row in results["summary"]:
+        def cell(key, digits):
+            if row["seeds"] > 1:
+                return f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}"
+            return f"{row[key]:.{digits}f}"
+
+        lines.append(f"| {row['name']} | {cell('final_accuracy', 3)} | {cell('train_seconds', 1)} | "
+                     f"{cell('tokens_generated', 0)} | {cell('peak_memory_mb', 0)} |"
+                     + (f" {cell('teacher_scored_tokens', 0)} |" if remote else ""))
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {}
+    for r in results["methods"]:
+        color = colors.setdefault(r["name"], f"C{len(colors)}")
+        xs = [p["train_seconds"] for p in r["curve"]]
+        ys = [p["accuracy"] for p in r["curve"]]
+        label = r["name"] if r["seed"] == results["methods"][0]["seed"] else None
+        ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label, alpha=0.9)
+    if not math.isnan(results["teacher_accuracy"]):  # NaN: a remote teacher, not evaluated here
+        ax.axhline(results["teacher_accuracy"], color="gray", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax.set_ylabel("held-out greedy accuracy (full horizon)")
+    ax.set_ylim(-0.02, 1.02)
+    s = results["settings"]
+    ax.set_title(f"{' vs '.join(colors)} ({s['steps']} steps, lr {s['learning_rate']:g})", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _json(results: dict) -> str:
+    import json
+
+    return json.dumps(results, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+
+
+def merge_runs(run_dirs: list[str], out: str) -> dict:
+    """Merge the results.json of runs made one seed per process (same settings otherwise) into one, with the summary,
+    the comparison with OPD, the table and the plot recomputed over all of them; written to `out`."""
+    import json
+
+    runs = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    keys = ("steps", "batch_size", "learning_rate", "max_completion_length")
+    for run in runs[1:]:
+        if any(run["settings"][k] != runs[0]["settings"][k] for k in keys):
+            raise ValueError(f"runs differ in settings {keys}: {[r['settings'] for r in runs]}")
+    results = {**runs[0], "methods": [m for run in runs for m in run["methods"]]}
+    results["settings"] = {**runs[0]["settings"], "seeds": [s for run in runs for s in run["settings"]["seeds"]]}
+    results["summary"] = summarize(results["methods"])
+    results["bars"] = compare_with_opd(results)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(_json(results))
+    plot(results, out / "accuracy_vs_time.png")
+    print(format_table(results))
+    return results
