@@ -1,6 +1,7 @@
-"""Token-level distillation losses on hidden states, without materializing `[B, K, V]` logits.
+"""Distillation losses on hidden states, without materializing `[B, K, V]` logits.
 
-Both losses reuse TRL's chunked kernels, which project hidden states through the LM head on `[tokens, vocab]` tiles:
+The losses reuse TRL's chunked kernels (or row blocks), which project hidden states through the LM head on
+`[tokens, vocab]` tiles:
 
 - `reverse_kl_per_token`: the exact token-level reverse KL at every completion position,
       KL(pi_s || pi_t)(x_<t) = sum_v p_s(v) (log p_s(v) - log p_t(v)),
@@ -11,8 +12,13 @@ Both losses reuse TRL's chunked kernels, which project hidden states through the
   (stop-gradient), the surrogate's value is the single-sample KL estimate -A_t and its gradient is the policy gradient
   -A_t * grad log pi(y_t), whose expectation over y_t ~ pi equals the exact reverse-KL gradient (the score-function term
   sum_v grad pi(v) vanishes).
+- `sequence_kl_per_token`: sequence-level OPD, the same estimator with each token's advantage summed from that position
+  to the end of the rollout (reward-to-go).
+- `topk_reverse_kl_per_token` (with `logprobs_at`): the reverse KL on a remote teacher's top-k support plus one tail
+  bucket, a lower bound of the exact KL.
+- `topk_disagreement_per_token`: not a loss, the adaptive horizon's top-k overlap signal.
 
-The reduction is a separate, explicit function (`masked_token_mean`) so the normaliser is visible.
+`loss_window_mask` restricts training to one segment of the horizon (segment distillation). The reduction is a separate, explicit function (`masked_token_mean`) so the normaliser is visible.
 """
 
 import math
