@@ -160,7 +160,8 @@ class CollapseAlarm:
             self.late = late if self.late is None else ALARM_SMOOTHING * late + (1 - ALARM_SMOOTHING) * self.late
             if self.first_late is None:
                 self.first_late = self.late
-            if (self.best_late is not None and self.late > self.factor * self.best_late[0]
+            # the sampled estimators' per-token values can be negative: a ratio to a best <= 0 means nothing
+            if (self.best_late is not None and self.best_late[0] > 0 and self.late > self.factor * self.best_late[0]
                     and self.late > ALARM_FLOOR * self.first_late):
                 reasons.append(
                     f"the reverse KL of the last {LATE_FRACTION:.0%} of positions at the full horizon ({source}, "

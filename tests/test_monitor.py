@@ -119,3 +119,12 @@ def test_bad_alarm_settings_are_refused(overrides, message):
 def test_held_out_callback_refuses_every_zero():
     with pytest.raises(ValueError, match=r"every=0 must be an integer >= 1"):
         HeldOutEvalCallback(lambda model: 0.0, every=0)
+
+
+def test_alarm_ignores_negative_single_sample_estimates():
+    """loss_type='sampled' logs log pi(y) - log q(y), which can be negative: no ratio to a negative best."""
+    alarm = CollapseAlarm(8, factor=2.0, repetition=0.5, horizon_name="full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step, late in enumerate([-0.0444, -0.0444, 0.02, -0.01]):
+            assert not alarm.observe(**_full(step, late))
