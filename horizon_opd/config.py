@@ -173,6 +173,10 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
             )
         if self.loss_window is not None:
             self.loss_window = list(check_loss_window(self.loss_window))
+            if self.horizon == "adaptive" and self.loss_window[1] < 1.0:
+                raise ValueError(f"loss_window={self.loss_window} with horizon='adaptive': rollouts stop at the "
+                                 f"window's end, so the adaptive probes never reach the full horizon they measure. "
+                                 f"End the window at 1.0, or use another horizon.")
         if isinstance(self.position_bins, bool) or not isinstance(self.position_bins, int) or self.position_bins < 0:
             raise ValueError(f"position_bins={self.position_bins!r} must be an integer >= 0 (0 disables the metric).")
         if not (isinstance(self.alarm_factor, int | float) and self.alarm_factor > 1.0):

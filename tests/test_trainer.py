@@ -304,6 +304,7 @@ def test_dataset_without_prompt_column_names_the_columns(tmp_path, student, teac
         ({"horizon": "half"}, r"horizon='half' is not a horizon policy"),
         ({"loss_type": "forward_kl"}, r"loss_type='forward_kl' is unknown"),
         ({"loss_window": [0.5, 0.2]}, r"loss_window=\[0.5, 0.2\] has start=0.5, end=0.2 out of order"),
+        ({"loss_window": [0.0, 0.5], "horizon": "adaptive"}, r"loss_window=\[0.0, 0.5\] with horizon='adaptive'"),
         ({"max_completion_length": 0}, r"max_completion_length=0 must be an integer >= 1"),
         ({"horizon": "progressive", "progressive_schedule": "stages", "progressive_stage_ratios": [0.5, 0.25, 1.0],
           "progressive_stage_fractions": [0.0, 0.3, 0.6]}, r"decreases"),
