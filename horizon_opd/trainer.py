@@ -265,17 +265,15 @@ class HorizonOPDTrainer(DistillationTrainer):
                 student, targets, rows, inputs)
 
         mask = loss_mask.to(device)
-        if compact:  # back to (B, K); masked_scatter keeps an all-padding micro-batch connected to the graph
-            per_token, entropy = (t.new_zeros(mask.shape).masked_scatter(mask.bool(), t) for t in (per_token, entropy))
-            signal = None if signal is None else signal.new_zeros(mask.shape).masked_scatter(mask.bool(), signal)
-        else:
-            per_token, entropy = per_token.view(mask.shape), entropy.view(mask.shape)
-            signal = None if signal is None else signal.view(mask.shape)
+
+        def to_grid(values):  # (N,) -> (B, K); masked_scatter keeps an all-padding micro-batch connected to the graph
+            if values is None:
+                return None
+            return values.new_zeros(mask.shape).masked_scatter(mask.bool(), values) if compact else values.view(mask.shape)
+
+        per_token, entropy, signal = to_grid(per_token), to_grid(entropy), to_grid(signal)
         if self.args.loss_type == "sequence":  # the reward-to-go runs along each rollout: it needs (B, K)
-            student_lp, teacher_lp = (
-                t.new_zeros(mask.shape).masked_scatter(mask.bool(), t) if compact else t.view(mask.shape)
-                for t in (student_logprobs, teacher_logprobs))
-            per_token = sequence_kl_per_token(student_lp, teacher_lp, mask)
+            per_token = sequence_kl_per_token(to_grid(student_logprobs), to_grid(teacher_logprobs), mask)
         self._meters["train" if self.model.training else "eval"].add_tokens(per_token, mask, signal)
         loss = masked_token_mean(per_token, mask, num_items_in_batch)
         return loss, (entropy.detach() * mask).sum(), mask.sum()
