@@ -269,7 +269,9 @@ class HorizonOPDTrainer(DistillationTrainer):
         def to_grid(values):  # (N,) -> (B, K); masked_scatter keeps an all-padding micro-batch connected to the graph
             if values is None:
                 return None
-            return values.new_zeros(mask.shape).masked_scatter(mask.bool(), values) if compact else values.view(mask.shape)
+            if not compact:
+                return values.view(mask.shape)
+            return values.new_zeros(mask.shape).masked_scatter(mask.bool(), values)
 
         per_token, entropy, signal = to_grid(per_token), to_grid(entropy), to_grid(signal)
         if self.args.loss_type == "sequence":  # the reward-to-go runs along each rollout: it needs (B, K)
