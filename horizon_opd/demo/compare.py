@@ -5,6 +5,7 @@ then summarize over seeds, compare with OPD, print a table and plot accuracy aga
 import copy
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,7 +280,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("held-out greedy accuracy (full horizon)")
     ax.set_ylim(-0.02, 1.02)
     s = results["settings"]
-    ax.set_title(f"{' vs '.join(colors)} ({s['steps']} steps, lr {s['learning_rate']:g})", fontsize=9)
+    title = f"{' vs '.join(colors)} ({s['steps']} steps, lr {s['learning_rate']:g})"
+    ax.set_title(textwrap.fill(title, 100), fontsize=9)  # five methods' names do not fit one line
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -89,8 +89,9 @@ def build_datasets(test_fraction: float = 0.4, seed: int = 0) -> DatasetDict:
 
 
 def example(rng: random.Random, tokenizer, exit_table: dict[int, int] | None, corrupt_prob: float):
-    """Token ids and loss weights of one supervised chain from a random A start. A corrupted value (teacher only) is
-    drawn from A, so the teacher learns to continue from any A state and never sees a B value."""
+    """Token ids and loss weights of one supervised chain from a random A start (the held-out prompts' included: they
+    are held out from distillation, as in the main demo). A corrupted value (teacher only) is drawn from A, so the
+    teacher learns to continue from any A state and never sees a B value."""
     start = rng.randrange(REGION_SIZE)
     values, x, masked = [], start, None
     corrupt_at = rng.randrange(CHAIN_STEPS - 1) if rng.random() < corrupt_prob else -1
