@@ -210,7 +210,8 @@ def test_prefix_continuation_sampling_is_seeded_and_leaves_the_global_rng(demo):
     student, teacher, tokenizer, prompts = demo
     prompts = prompts.select(range(4))
     state = torch.random.get_rng_state()
-    kwargs = dict(do_sample=True, temperature=1.5, max_new_tokens=24)
+    # a high temperature: the demo teacher is near-certain (held-out accuracy 1.00), so at 1.5 two seeds agreed
+    kwargs = dict(do_sample=True, temperature=4.0, max_new_tokens=24)
     seen = []
 
     def scorer(row, text):

@@ -94,6 +94,13 @@ def test_adaptive_decision_by_hand():
     # 5x its best but tiny against where it started (noise on a solved bin): no drift
     noise = adaptive_decision([0.01] * 7 + [0.05], first, [0.01] * 8, 0.125, **kwargs)
     assert noise["drifting_bins"] == [] and noise["ratio"] == 0.1
+    # a bin that started near zero "lags" by any factor of noise (the demo's seed 1: 1e-4 nats, then 9e-4); at or
+    # below min_signal it is not drifting
+    near_zero = [1.0] * 5 + [1e-4, 1.0, 1.0]
+    profile = [0.25] * 5 + [9e-4, 0.25, 0.25]
+    assert adaptive_decision(profile, near_zero, near_zero, 0.125, **kwargs)["drifting_bins"] == [5]
+    floored = adaptive_decision(profile, near_zero, near_zero, 0.125, min_signal=0.01, **kwargs)
+    assert floored["drifting_bins"] == [] and floored["ratio"] == 0.1
     # bounds: never below the minimum, never above the maximum
     assert adaptive_decision([0.5] * 8, first, first, 0.1, **kwargs)["ratio"] == 0.1
     capped = adaptive_decision([0.2] * 6 + [0.5, 0.2], first, [0.2] * 8, 0.125, min_ratio=0.1, max_ratio=0.5,
@@ -205,6 +212,7 @@ def test_unknown_command_line_names_list_the_known_ones(bad):
         (AdaptiveHorizon, {"adaptive_probe_every": 0}, "adaptive_probe_every=0 must be an integer >= 1"),
         (AdaptiveHorizon, {"adaptive_signal": "entropy"}, "adaptive_signal='entropy' is unknown"),
         (AdaptiveHorizon, {"adaptive_tolerance": 0}, "adaptive_tolerance=0 must be a number > 0"),
+        (AdaptiveHorizon, {"adaptive_min_signal": -0.1}, "adaptive_min_signal=-0.1 must be a number >= 0"),
         (AdaptiveHorizon, {"adaptive_bins": 200}, "adaptive_bins=200 exceeds max_completion_length=100"),
         (AdaptiveHorizon, {"adaptive_top_k": 0}, "adaptive_top_k=0 must be an integer >= 1"),
         (AdaptiveHorizon, {"adaptive_carry": 1.5}, "adaptive_carry=1.5 must be in (0, 1]"),

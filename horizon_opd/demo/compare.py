@@ -95,6 +95,7 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
         "curve": curve,
         "horizons": list(trainer.horizon_history),
         "losses": [e["loss"] for e in history if "loss" in e],
+        "grad_norms": [e["grad_norm"] for e in history if "loss" in e and "grad_norm" in e],
         "kl_by_position": kl_by_position(history),
         "eval_kl_by_position": kl_by_position(history, prefix="eval_"),
         "alarm": [e.get("horizon/alarm", 0.0) for e in history if "horizon/alarm" in e and "loss" in e],
