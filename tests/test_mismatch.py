@@ -32,6 +32,15 @@ def test_exits_lead_from_region_a_into_region_b_and_bad_levels_are_refused():
             mm.exits(bad)
 
 
+def test_bad_command_line_values_end_with_one_line_and_status_2(tmp_path, capsys):
+    for argv, match in ((["--levels", "3", "101"], "--levels: mismatch=101 must be in [0, 100]"),
+                        (["--steps", "0"], "--steps must be a positive integer, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            mm.main([*argv, "--output-dir", str(tmp_path / "never")])
+        assert exit_info.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_a_chain_leaves_at_an_exit_at_the_exit_rate_and_then_follows_region_b():
     x = 0
     table = {x: mm.REGION_SIZE + 5}

@@ -282,7 +282,10 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="runs/mismatch")
     args = parser.parse_args(argv)
     for level in args.levels:
-        exits(level)  # validates before any training
+        try:
+            exits(level)  # validates before any training
+        except ValueError as error:
+            parser.error(f"--levels: {error}")
     for name in ("steps", "batch_size", "eval_every", "build_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")

@@ -62,7 +62,8 @@ def completion_text(start: int, values: list[int]) -> str:
 
 def build_datasets(test_fraction: float = 0.25, seed: int = 0) -> DatasetDict:
     """Conversational prompt-only splits `train` and `test` (held-out start values), with the `answer` for scoring
-    and the `start` value."""
+    and the `start` value. `test` is held out from distillation; the bundled models' supervised training saw chains
+    from every start value (`train_models.py` says why)."""
     starts = list(range(NUM_VALUES))
     random.Random(seed).shuffle(starts)
     n_test = int(len(starts) * test_fraction)
