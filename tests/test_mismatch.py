@@ -7,7 +7,7 @@ import random
 import pytest
 
 from horizon_opd.demo import mismatch as mm
-from horizon_opd.demo.task import extract_answer
+from horizon_opd.demo.task import completion_text, extract_answer
 from horizon_opd.demo.tokenizer import build_char_tokenizer
 
 
@@ -73,7 +73,8 @@ def test_answers_are_the_last_value_of_the_chain_inside_region_a():
     assert not set(data["train"]["start"]) & set(data["test"]["start"])
     row = data["test"][0]
     assert row["answer"] == f"{mm.walk(row['start'])[-1]:03d}"
-    text = "".join(f"{v:03d} " for v in [row["start"], *mm.walk(row["start"])]) + f"= {row['answer']} "
+    text = completion_text(row["start"], mm.walk(row["start"]))
+    assert text.endswith(f"= {row['answer']} ")
     assert extract_answer(text) == row["answer"]
     tokenizer = build_char_tokenizer(number_tokens=mm.NUM_VALUES)
     assert len(tokenizer(text)["input_ids"]) + 1 <= mm.MAX_COMPLETION_LENGTH

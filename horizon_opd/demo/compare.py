@@ -180,11 +180,12 @@ class _Progress:
             self.bar.close()
 
 
-def time_to_reach(curve: list[dict], target: float) -> float | None:
-    """Training seconds at the first evaluation whose accuracy is >= target (None if never)."""
+def time_to_reach(curve: list[dict], target: float, key: str = "train_seconds") -> float | None:
+    """Training seconds (or another field of the point, e.g. "step") at the first evaluation whose accuracy is >=
+    target (None if never)."""
     for point in curve:
         if point["accuracy"] >= target - 1e-9:
-            return point["train_seconds"]
+            return point[key]
     return None
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from .task import completion_text, prompt_text
 from .tokenizer import build_char_tokenizer
 
 REGION_SIZE = 100
@@ -82,10 +83,16 @@ def build_datasets(test_fraction: float = 0.4, seed: int = 0) -> DatasetDict:
     n_test = int(len(starts) * test_fraction)
 
     def rows(items):
-        return Dataset.from_list([{"prompt": [{"role": "user", "content": f"start {s:03d} "}], "answer": answer(s),
+        return Dataset.from_list([{"prompt": [{"role": "user", "content": prompt_text(s)}], "answer": answer(s),
                                    "start": s} for s in items])
 
     return DatasetDict(train=rows(starts[n_test:]), test=rows(starts[:n_test]))
+
+
+def prompt_ids(tokenizer, start: int) -> list[int]:
+    """The chat-formatted prompt of a chain from `start`, as token ids."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(start)}],
+                                         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
 
 def example(rng: random.Random, tokenizer, exit_table: dict[int, int] | None, corrupt_prob: float):
@@ -100,10 +107,9 @@ def example(rng: random.Random, tokenizer, exit_table: dict[int, int] | None, co
         if step == corrupt_at:
             x, masked = rng.choice([v for v in range(REGION_SIZE) if v != x]), step
         values.append(x)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"start {start:03d} "}],
-                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    text = "".join(f"{v:03d} " for v in [start, *values]) + f"= {values[-1]:03d} "
-    completion = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = prompt_ids(tokenizer, start)
+    completion = (tokenizer(completion_text(start, values), add_special_tokens=False)["input_ids"]
+                  + [tokenizer.eos_token_id])
     weights = [1.0] * len(completion)
     if masked is not None:
         weights[masked + 1] = 0.0  # one token per value, after the restated start
@@ -148,9 +154,7 @@ def region_accuracy(model, tokenizer, region: str, rollouts: int = 64, seed: int
             start = rng.randrange(REGION_SIZE)
             first = start if region == "A" else rng.randrange(REGION_SIZE, NUM_VALUES)
             values = [start, *([] if region == "A" else [first]), *walk(first)]
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"start {start:03d} "}],
-                                                   add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
+            prompt = prompt_ids(tokenizer, start)
             ids = prompt + tokenizer("".join(f"{v:03d} " for v in values), add_special_tokens=False)["input_ids"]
             predicted = model(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
             # the value at completion token j+1 follows values[j]; score it where values[j] is in the region
@@ -191,6 +195,8 @@ def run_level(mismatch: int, out: Path, *, seeds, steps: int, batch_size: int, l
 def summary_rows(level_results: list[dict]) -> list[dict]:
     """Per level and method, one entry per seed: final and best accuracy, and the training seconds and steps to 90% of
     OPD's final accuracy (the same seed's), also as a ratio to OPD's seconds."""
+    from .compare import time_to_reach
+
     rows = []
     for results in level_results:
         per_seed = results["bars"]["per_seed"]
@@ -198,8 +204,7 @@ def summary_rows(level_results: list[dict]) -> list[dict]:
         for name in dict.fromkeys(r["name"] for r in results["methods"]):
             runs = [r for r in results["methods"] if r["name"] == name]
             finals = [r["final_accuracy"] for r in runs]
-            steps = [next((p["step"] for p in r["curve"] if p["accuracy"] >= 0.9 * opd_final[r["seed"]] - 1e-9), None)
-                     for r in runs]
+            steps = [time_to_reach(r["curve"], 0.9 * opd_final[r["seed"]], key="step") for r in runs]
             times = [b["time_to_90pct"] for b in per_seed if b["method"] == name]
             ratios = [b.get("time_to_90pct_ratio") for b in per_seed if b["method"] == name and name != "OPD"]
             rows.append({"mismatch": results["settings"]["mismatch"], "method": name, "final_accuracy": finals,
