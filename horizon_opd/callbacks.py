@@ -11,16 +11,20 @@ class HeldOutEvalCallback(TrainerCallback):
     `curve = [{"step", "train_seconds", "accuracy"}]`, where `train_seconds` is wall-clock since training began minus
     the time spent in these evaluations and in `trainer.evaluate()` (so methods are compared on training cost alone).
 
-    `on_step` (optional) is called after every optimizer step, e.g. to advance a progress bar.
+    `on_step` (optional) is called after every optimizer step, e.g. to advance a progress bar. `costs` (optional)
+    returns the cost figures so far (e.g. `trainer.cost.state_dict()`), stored with each point of the curve so that
+    accuracy can be read against decode iterations or tokens as well as seconds.
     """
 
-    def __init__(self, evaluate: Callable, every: int, on_step: Callable | None = None):
+    def __init__(self, evaluate: Callable, every: int, on_step: Callable | None = None,
+                 costs: Callable[[], dict] | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} must be an integer >= 1: evaluate every that many optimizer steps "
                              f"(the run's last step is always evaluated).")
         self.evaluate = evaluate
         self.every = every
         self.on_step = on_step
+        self.costs = costs
         self.curve: list[dict] = []
         self._start = None
         self._eval_seconds = 0.0
@@ -32,7 +36,9 @@ class HeldOutEvalCallback(TrainerCallback):
     def _record(self, step: int, model) -> None:
         seconds = self.train_seconds
         began = time.perf_counter()
-        self.curve.append({"step": step, "train_seconds": round(seconds, 3), "accuracy": float(self.evaluate(model))})
+        costs = self.costs() if self.costs is not None else {}
+        self.curve.append({"step": step, "train_seconds": round(seconds, 3), **costs,
+                           "accuracy": float(self.evaluate(model))})
         self._eval_seconds += time.perf_counter() - began
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

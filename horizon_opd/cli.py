@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/horizon-opd", help="where results.json and the plot are written")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHOD_NAMES),
-                   help=f"methods to compare: {', '.join(method_names())} (e.g. topd0.1 for TOPD with rho = 0.1); "
+                   help=f"methods to compare: {', '.join(method_names())} (e.g. topd0.1 for TOPD with rho = 0.1), "
+                        f"and opd-matched<rho>: OPD on ceil(rho x batch) prompts per step, a truncated method's tokens "
+                        f"per update (the baseline that tells the horizon from the update size); "
                         f"default: {' '.join(DEFAULT_METHOD_NAMES)}")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method (default: 60; "
                                                                      "quick: 8)")

@@ -52,7 +52,8 @@ class StepRecord:
     `kl_sums[p]` and `kl_counts[p]` are the sum of the per-token reverse KL and the number of trained tokens at
     completion position p (0-based, p < L); `signal_sums` is the same for the policy's own signal where it is not the
     KL (e.g. top-k disagreement). `rollouts`, `cut` and `repeating` count the step's rollouts, those stopped by the
-    horizon (no EOS), and those ending in a repeated loop."""
+    horizon (no EOS), and those ending in a repeated loop; `generated_tokens` and `decode_iterations` what generating
+    them cost (tokens over all ranks; sequential decode steps of the slowest rank)."""
 
     step: int
     horizon: int
@@ -63,6 +64,7 @@ class StepRecord:
     cut: int = 0
     repeating: int = 0
     generated_tokens: int = 0
+    decode_iterations: int = 0
 
     def signal(self) -> tuple[list[float], list[float]]:
         return (self.signal_sums if self.signal_sums is not None else self.kl_sums), self.kl_counts

@@ -44,32 +44,57 @@ class StepMeter:
         self.length = max_completion_length
         self._tensors = None
         self.rollouts = self.repeating = self.generated_tokens = 0
+        self.decode_iterations = 0  # this rank's sequential decode steps: the longest rollout of each generate call
 
-    def add_tokens(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None) -> None:
-        """per_token, mask, signal: (B, K) with K <= L; masked-out positions count nothing."""
-        k = per_token.size(1)
-        mask = mask.to(per_token.device, torch.float64)
+    def add_tokens(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None,
+                   offsets: torch.Tensor | None = None) -> None:
+        """per_token, mask, signal: (B, K); masked-out positions count nothing. Column k of row b is completion
+        position offsets[b] + k (a rolled chunk starts where its rollout's earlier chunks end; default 0), < L."""
+        device = per_token.device
+        mask = mask.to(device, torch.float64)
         if self._tensors is None:
-            self._tensors = {"kl": torch.zeros(self.length, dtype=torch.float64, device=per_token.device),
-                             "count": torch.zeros(self.length, dtype=torch.float64, device=per_token.device)}
-        self._tensors["kl"][:k] += (per_token.detach().double() * mask).sum(0)
-        self._tensors["count"][:k] += mask.sum(0)
+            self._tensors = {"kl": torch.zeros(self.length, dtype=torch.float64, device=device),
+                             "count": torch.zeros(self.length, dtype=torch.float64, device=device)}
+        if offsets is None:
+            positions = torch.arange(per_token.size(1), device=device).expand_as(mask)  # (B, K)
+        else:
+            positions = offsets.to(device).view(-1, 1) + torch.arange(per_token.size(1), device=device)  # (B, K)
+        keep = mask != 0
+        if keep.any() and int(positions[keep].max()) >= self.length:
+            raise ValueError(f"a trained token sits at completion position {int(positions[keep].max())}, past "
+                             f"max_completion_length={self.length}")
+        positions = positions.clamp(max=self.length - 1).reshape(-1)  # masked padding past L counts zero anyway
+        self._tensors["kl"].index_add_(0, positions, (per_token.detach().double() * mask).reshape(-1))
+        self._tensors["count"].index_add_(0, positions, mask.reshape(-1))
         if signal is not None:
             self._tensors.setdefault("signal", torch.zeros_like(self._tensors["kl"]))
-            self._tensors["signal"][:k] += (signal.detach().double() * mask).sum(0)
+            self._tensors["signal"].index_add_(0, positions, (signal.detach().double() * mask).reshape(-1))
 
     def add_rollouts(self, completion_ids: list[list[int]]) -> None:
+        """The rollouts (or rolled chunks) one generate call returned: counted, checked for loops, and priced (its
+        tokens, and its decode iterations = its longest sequence, which the whole batched call waits for)."""
+        self.add_generation(completion_ids)
         self.rollouts += len(completion_ids)
         self.repeating += sum(ends_in_loop(list(ids)) for ids in completion_ids)
+
+    def add_generation(self, completion_ids: list[list[int]]) -> None:
+        """Price a generate call whose sequences are not rollouts of their own (e.g. the prefixes that seed a rolling
+        pool): its tokens and decode iterations count, its sequences do not."""
         self.generated_tokens += sum(len(ids) for ids in completion_ids)
+        self.decode_iterations += max((len(ids) for ids in completion_ids), default=0)
 
     def finish(self, step: int, horizon: int, accelerator, with_signal: bool = False) -> StepRecord:
         """Sum over ranks (one all-reduce, the same on every rank whatever its token count) and reset."""
         device = accelerator.device
         zeros = torch.zeros(self.length, dtype=torch.float64, device=device)
         parts = self._tensors or {}
+        # Ranks decode in parallel, so the step waits for the slowest: each rank writes its decode iterations in its
+        # own cell, and the max is read after the sum (still one collective).
+        world = max(1, accelerator.num_processes)
+        per_rank = torch.zeros(world, dtype=torch.float64, device=device)
+        per_rank[getattr(accelerator, "process_index", 0)] = self.decode_iterations
         packed = torch.cat([parts.get("kl", zeros).to(device), parts.get("count", zeros).to(device),
-                            parts.get("signal", zeros).to(device) if with_signal else zeros[:0],
+                            parts.get("signal", zeros).to(device) if with_signal else zeros[:0], per_rank,
                             torch.tensor([self.rollouts, self.repeating, self.generated_tokens], dtype=torch.float64,
                                          device=device)])
         if accelerator.num_processes > 1:
@@ -80,9 +105,49 @@ class StepMeter:
             step=step, horizon=horizon, kl_sums=values[:L], kl_counts=values[L:2 * L],
             signal_sums=values[2 * L:3 * L] if with_signal else None,
             rollouts=int(values[-3]), repeating=int(values[-2]), generated_tokens=int(values[-1]),
+            decode_iterations=int(max(values[-3 - world:-3])),
         )
         self.__init__(self.length)
         return record
+
+
+class CostLedger:
+    """What training has cost so far, over all ranks: the figures a horizon saves, in the units each machine pays in.
+
+    - `decode_iterations`: sequential decode steps, summed over optimizer steps, each step counting its longest
+      rollout on the slowest rank. A GPU step waits on these (one forward per token for the whole batch).
+    - `generated_tokens`: tokens sampled for training. A compute-bound machine (a CPU) pays per token.
+    - `trained_tokens`: token positions the loss was computed on (after any loss window).
+    - `teacher_scored_tokens`: tokens a teacher server scored (its bill, evaluation requests included); 0 with a
+      local teacher.
+    - `steps`: optimizer steps so far.
+
+    Evaluation rollouts are not training cost: apart from the server's bill, they are not counted here."""
+
+    FIELDS = ("steps", "decode_iterations", "generated_tokens", "trained_tokens", "teacher_scored_tokens")
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def add_step(self, record: StepRecord) -> None:
+        self.steps += 1
+        self.decode_iterations += record.decode_iterations
+        self.generated_tokens += record.generated_tokens
+        self.trained_tokens += int(round(sum(record.kl_counts)))
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, int(state.get(name, 0)))
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative figures for the training log (`horizon/decode_iterations`, ...)."""
+        out = {f"horizon/{name}": float(getattr(self, name)) for name in self.FIELDS[1:4]}
+        out["teacher/scored_tokens"] = float(self.teacher_scored_tokens)
+        return out
 
 
 class LogWindow:
@@ -101,12 +166,14 @@ class LogWindow:
         self.kl_sums = [0.0] * self.length
         self.kl_counts = [0.0] * self.length
         self.horizons: list[int] = []
+        self.decode_iterations: list[int] = []
         self.rollouts = self.repeating = 0
 
     def add(self, record: StepRecord) -> None:
         self.kl_sums = [a + b for a, b in zip(self.kl_sums, record.kl_sums, strict=True)]
         self.kl_counts = [a + b for a, b in zip(self.kl_counts, record.kl_counts, strict=True)]
         self.horizons.append(record.horizon)
+        self.decode_iterations.append(record.decode_iterations)
         self.rollouts += record.rollouts
         self.repeating += record.repeating
 
@@ -115,7 +182,8 @@ class LogWindow:
             return {}
         horizon = max(self.horizons)
         out = {"horizon/tokens": float(horizon), "horizon/ratio": horizon / self.length,
-               "horizon/mean_tokens": sum(self.horizons) / len(self.horizons)}
+               "horizon/mean_tokens": sum(self.horizons) / len(self.horizons),
+               "horizon/step_decode_iterations": sum(self.decode_iterations) / len(self.decode_iterations)}
         if self.rollouts:
             out["horizon/repeating"] = self.repeating / self.rollouts
         if self.num_bins:

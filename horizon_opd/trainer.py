@@ -24,7 +24,7 @@ from .loss import (
     topk_disagreement_per_token,
     topk_reverse_kl_per_token,
 )
-from .monitor import CollapseAlarm, LogWindow, StepMeter
+from .monitor import CollapseAlarm, CostLedger, LogWindow, StepMeter
 from .remote_teacher import RemoteTeacher, connect_teacher_server
 from .teacher import attach_teacher, load_teacher, vocab_slice
 
@@ -123,15 +123,14 @@ class HorizonOPDTrainer(DistillationTrainer):
             self.teacher_model, self.shared_vocab_size = attach_teacher(self, teacher_model)
         else:  # the server's vocabulary is unknown here: top-k ids past the student's head are moved to the tail
             self.teacher_model, self.shared_vocab_size = None, None
-        self.teacher_scored_tokens = 0  # completion tokens the teacher server scored, over all ranks (its cost)
-        self._pending_scored_tokens = 0  # this rank's, since the last gather
+        self.cost = CostLedger()  # what training has cost so far, over all ranks (decode iterations, tokens)
+        self._pending_scored_tokens = 0  # tokens this rank's teacher-server requests scored, since the last gather
 
         self.horizon_policy: HorizonPolicy = args.horizon_policy()
         L = args.max_completion_length
         self._meters = {"train": StepMeter(L), "eval": StepMeter(L)}
         self._windows = {"train": LogWindow(L, args.position_bins), "eval": LogWindow(L, args.position_bins)}
         self.alarm = CollapseAlarm(L, args.alarm_factor, args.alarm_repetition, args.horizon)
-        self.generated_tokens = 0  # rollout tokens generated for training, over all ranks (the horizon's cost)
         self.horizon_history: list[int] = []  # the horizon of every optimizer step so far
         self._step_horizon = None
         self.add_callback(_RestoreHorizonState(self))
@@ -173,7 +172,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         """Gather what the step measured (one collective), then let the policy, the alarm and the logs read it."""
         record = self._meters["train"].finish(self.state.global_step, self._step_horizon, self.accelerator,
                                               with_signal=self._measures_signal())
-        self.generated_tokens += record.generated_tokens
+        self.cost.add_step(record)
         self._gather_scored_tokens()
         self.horizon_history.append(record.horizon)
         self.horizon_policy.observe(record)
@@ -186,7 +185,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         if self.remote_teacher is None:
             return
         pending = torch.tensor(self._pending_scored_tokens, device=self.accelerator.device)
-        self.teacher_scored_tokens += int(self.accelerator.reduce(pending, reduction="sum").item())
+        self.cost.teacher_scored_tokens += int(self.accelerator.reduce(pending, reduction="sum").item())
         self._pending_scored_tokens = 0
 
     def _measures_signal(self) -> bool:
@@ -207,9 +206,9 @@ class HorizonOPDTrainer(DistillationTrainer):
         self._windows[mode].reset()
         metrics["horizon/alarm"] = float(self.alarm.active)
         if mode == "train":
-            metrics["horizon/generated_tokens"] = float(self.generated_tokens)
-            if self.remote_teacher is not None:
-                metrics["teacher/scored_tokens"] = float(self.teacher_scored_tokens)
+            metrics.update(self.cost.metrics())
+            if self.remote_teacher is None:
+                del metrics["teacher/scored_tokens"]
         for key, value in metrics.items():  # TRL's `log` adds the eval_ prefix and averages lists: one value each
             self._metrics[mode][key] = [value]
         super().log(logs, start_time)
@@ -221,15 +220,24 @@ class HorizonOPDTrainer(DistillationTrainer):
     def horizon_state(self) -> dict:
         """What a resumed run needs to continue with identical horizons and cost figures."""
         return {"policy": self.horizon_policy.state_dict(), "alarm": self.alarm.state_dict(),
-                "generated_tokens": self.generated_tokens, "horizon_history": list(self.horizon_history),
-                "teacher_scored_tokens": self.teacher_scored_tokens}
+                "cost": self.cost.state_dict(), "horizon_history": list(self.horizon_history)}
 
     def load_horizon_state(self, state: dict) -> None:
         self.horizon_policy.load_state_dict(state["policy"])
         self.alarm.load_state_dict(state["alarm"])
-        self.generated_tokens = int(state["generated_tokens"])
+        # checkpoints written before the ledger kept generated_tokens and teacher_scored_tokens at the top level
+        self.cost.load_state_dict(state.get("cost", state))
         self.horizon_history = list(state["horizon_history"])
-        self.teacher_scored_tokens = int(state.get("teacher_scored_tokens", 0))
+
+    @property
+    def generated_tokens(self) -> int:
+        """Rollout tokens generated for training so far, over all ranks (`cost.generated_tokens`)."""
+        return self.cost.generated_tokens
+
+    @property
+    def teacher_scored_tokens(self) -> int:
+        """Tokens the teacher server scored so far, over all ranks (`cost.teacher_scored_tokens`)."""
+        return self.cost.teacher_scored_tokens
 
     # ----------------------------------------------------------------------------------------------- loss
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):

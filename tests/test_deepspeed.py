@@ -112,6 +112,14 @@ def test_zero3_progressive_with_uneven_rollouts_checkpoints_and_resumes(assets, 
     assert all(rank["zero_stage"] == 3 and rank["teacher_head_partitioned"] for rank in first)
     assert first[0]["shared_vocab_size"] == len(tokenizer)
     assert "cannot be prepared for ZeRO-3" in first[0]["bad_teacher_error"]
+    # the cost ledger, by hand: rank 0 runs to the horizon, so each step waits horizon decode iterations; tokens and
+    # trained positions are both ranks' rollouts (2 per micro-batch x 2 micro-batches per rank)
+    tokens = sum(sum(g["completion_lengths"]) for rank in first for g in rank["generations"])
+    for rank in first:
+        step_logs = [e for e in rank["log_history"] if "loss" in e]
+        assert [e["horizon/decode_iterations"] for e in step_logs] == [float(sum(horizons[:i + 1])) for i in range(4)]
+        assert logged_in(rank, "horizon/generated_tokens")[-1] == tokens
+        assert logged_in(rank, "horizon/trained_tokens")[-1] == tokens
 
     checkpoint = assets / "zero3_progressive" / "out" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").exists() and (checkpoint / "global_step2").is_dir()
@@ -127,6 +135,7 @@ def test_zero3_progressive_with_uneven_rollouts_checkpoints_and_resumes(assets, 
         assert [g["step"] for g in rank["generations"]] == [2, 3]
         assert [g["horizon"] for g in rank["generations"]] == horizons[2:]
         assert logged_in(rank, "horizon/tokens") == horizons  # restored history + new steps read as one run
+        assert logged_in(rank, "horizon/decode_iterations")[-1] == sum(horizons)  # the ledger resumed too
         losses = logged_in(rank, "loss")
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 

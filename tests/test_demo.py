@@ -73,14 +73,23 @@ def test_quick_command_writes_results_and_plot(tmp_path):
     for key in ("teacher_accuracy", "student_accuracy", "machine", "methods", "bars"):
         assert key in results
     names = [m["name"] for m in results["methods"]]
-    assert names == ["OPD", "TOPD rho=0.1", "POPD linear 0.1->1", "Anchored rho=0.1 every 10", "Adaptive 0.1-1"]
+    assert names == ["OPD", "OPD matched rho=0.1", "TOPD rho=0.1", "POPD linear 0.1->1", "Anchored rho=0.1 every 10",
+                     "Adaptive 0.1-1"]
     for m in results["methods"]:
         assert set(m) >= {"name", "horizon", "final_accuracy", "train_seconds", "tokens_generated",
-                          "peak_memory_mb", "curve", "horizons", "policy_state", "alarm_events"}
+                          "decode_iterations", "trained_tokens", "batch_size", "peak_memory_mb", "curve", "horizons",
+                          "policy_state", "alarm_events"}
         assert 0.0 <= m["final_accuracy"] <= 1.0 and m["train_seconds"] > 0 and m["peak_memory_mb"] > 0
         assert [p["step"] for p in m["curve"]] == [0, 4, 8]
         assert all(0.0 <= p["accuracy"] <= 1.0 for p in m["curve"])
+        # the curve carries the costs so far; a step decodes at most its horizon
+        assert [p["decode_iterations"] for p in m["curve"]][0] == 0
+        assert m["curve"][-1]["decode_iterations"] == m["decode_iterations"] <= sum(m["horizons"])
+        assert m["trained_tokens"] == m["tokens_generated"] > 0  # no loss window: every generated token is trained
     by_name = {m["name"]: m for m in results["methods"]}
+    # the token-matched baseline: OPD on ceil(0.1 x 8) = 1 prompt per step
+    assert by_name["OPD matched rho=0.1"]["batch_size"] == 1 and by_name["OPD"]["batch_size"] == 8
+    assert by_name["OPD matched rho=0.1"]["horizons"] == by_name["OPD"]["horizons"]
     # the horizon is the cost: TOPD 0.1 generates at most ceil(0.1 L) tokens per rollout
     L = results["settings"]["max_completion_length"]
     steps, batch = results["settings"]["steps"], results["settings"]["batch_size"]
@@ -90,7 +99,7 @@ def test_quick_command_writes_results_and_plot(tmp_path):
     assert by_name["Adaptive 0.1-1"]["horizons"][0] == L and by_name["Adaptive 0.1-1"]["horizon"]["horizon"] == \
         "adaptive"
     assert {r["method"] for r in results["bars"]["per_seed"]} == set(names)
-    assert "| OPD |" in proc.stdout
+    assert "| OPD | 8 |" in proc.stdout and "decode iterations" in proc.stdout
     assert "distilling:" not in proc.stdout  # not a terminal: one line per run, no progress bar rewrites
     assert "OPD seed 0: accuracy" in proc.stdout
 
@@ -99,6 +108,8 @@ def test_quick_command_writes_results_and_plot(tmp_path):
     (["--methods", "topdX"], "argument --methods: unknown method 'topdX'"),
     (["--methods", "popd-cosine"], "argument --methods: unknown method 'popd-cosine'"),
     (["--methods", "topd1.5"], "truncation_ratio=1.5 is outside"),
+    (["--methods", "opd-matched"], "opd-matched<rho> needs a ratio"),
+    (["--methods", "opd-matched2"], "the ratio 2 must be in (0, 1]"),
     (["--student", "/missing/dir"], "argument --student: '/missing/dir' is not a model directory"),
     (["--steps", "0"], "argument --steps: 0 must be >= 1"),
     (["--learning-rate", "-1"], "argument --learning-rate: -1.0 must be > 0"),

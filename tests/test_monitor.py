@@ -9,7 +9,7 @@ import torch
 
 from horizon_opd import HeldOutEvalCallback, HorizonOPDConfig
 from horizon_opd.horizon import StepRecord
-from horizon_opd.monitor import CollapseAlarm, LogWindow, StepMeter, ends_in_loop, late_mean
+from horizon_opd.monitor import CollapseAlarm, CostLedger, LogWindow, StepMeter, ends_in_loop, late_mean
 
 SINGLE_PROCESS = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
 
@@ -24,6 +24,55 @@ def test_step_meter_sums_micro_batches_by_position():
     assert (record.step, record.horizon, record.rollouts, record.generated_tokens) == (3, 4, 2, 3)
     empty = meter.finish(step=4, horizon=4, accelerator=SINGLE_PROCESS)  # finish resets
     assert empty.kl_counts == [0.0] * 4 and empty.rollouts == 0
+
+
+def test_step_meter_places_rolled_chunks_at_their_true_positions():
+    meter = StepMeter(max_completion_length=8)
+    # two chunks of 3 columns: row 0 continues a rollout at position 5, row 1 starts one (offset 0)
+    meter.add_tokens(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]),
+                     offsets=torch.tensor([5, 0]))
+    record = meter.finish(step=0, horizon=3, accelerator=SINGLE_PROCESS)
+    assert record.kl_sums == [4.0, 5.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+    assert record.kl_counts == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="position 8, past max_completion_length=8"):
+        meter.add_tokens(torch.ones(1, 3), torch.ones(1, 3), offsets=torch.tensor([6]))
+
+
+class _TwoRanks:
+    """Stands in for a 2-process accelerator: `reduce` sums this rank's packed tensor with the other rank's."""
+
+    def __init__(self, process_index, other=None):
+        self.device, self.num_processes, self.process_index, self.other, self.sent = torch.device("cpu"), 2, \
+            process_index, other, None
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        self.sent = tensor.clone()
+        return tensor if self.other is None else tensor + self.other
+
+
+def test_decode_iterations_are_the_longest_rollout_of_the_slowest_rank_per_generate_call():
+    rank0, rank1 = StepMeter(max_completion_length=8), StepMeter(max_completion_length=8)
+    rank0.add_rollouts([[1, 2, 3], [4]])  # one generate call: 3 sequential decode steps
+    rank0.add_generation([[1, 2], [3, 4]])  # a second call (e.g. a rolling pool's seed prefixes): 2 more
+    rank1.add_rollouts([[1, 2, 3, 4, 5, 6], [7]])  # rank 1 decodes 6 times
+    assert (rank0.decode_iterations, rank0.generated_tokens, rank0.rollouts) == (5, 8, 2)
+    first = _TwoRanks(1)
+    rank1.finish(step=0, horizon=8, accelerator=first)
+    record = rank0.finish(step=0, horizon=8, accelerator=_TwoRanks(0, other=first.sent))
+    assert record.decode_iterations == 6  # max(5, 6): the step waits for the slower rank
+    assert (record.generated_tokens, record.rollouts) == (15, 4)  # tokens and rollouts add up over ranks
+
+    ledger = CostLedger()
+    ledger.add_step(StepRecord(step=0, horizon=8, kl_sums=[0.0] * 8, kl_counts=[2, 2, 1, 0, 0, 0, 0, 0],
+                               generated_tokens=15, decode_iterations=6))
+    ledger.add_step(StepRecord(step=1, horizon=8, kl_sums=[0.0] * 8, kl_counts=[1] * 8, generated_tokens=9,
+                               decode_iterations=8))
+    assert ledger.state_dict() == {"steps": 2, "decode_iterations": 14, "generated_tokens": 24, "trained_tokens": 13,
+                                   "teacher_scored_tokens": 0}
+    restored = CostLedger()
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.metrics() == ledger.metrics() and ledger.metrics()["horizon/decode_iterations"] == 14.0
 
 
 def test_log_window_bins_are_token_weighted_over_its_steps():

@@ -200,6 +200,34 @@ def test_position_diagnostics_reconstruct_the_loss(tmp_path, student, teacher, t
     assert logged(trainer, "horizon/generated_tokens")[-1] == trainer.generated_tokens
 
 
+def test_cost_accounting_matches_hand_counted_rollouts_with_gradient_accumulation(tmp_path, student, teacher,
+                                                                                  tokenizer, prompts):
+    """Per optimizer step: decode iterations = the longest rollout of the step's one generation batch (both
+    micro-batches), tokens = all generated tokens, trained positions = the loss mask; cumulative in the log and the
+    checkpoint, and continued on resume."""
+    overrides = dict(max_steps=4, gradient_accumulation_steps=2, save_strategy="steps", save_steps=2,
+                     **MODES["progressive"])
+    first = _trainer(tmp_path, copy.deepcopy(student), copy.deepcopy(teacher), tokenizer, prompts, **overrides)
+    batches = record_generations(first)
+    first.train()
+    assert [b["completion_mask"].size(0) for b in batches] == [8] * 4  # 4 prompts x 2 micro-batches per generation
+    lengths = [b["completion_mask"].sum(1).tolist() for b in batches]
+    assert len({max(x) for x in lengths}) > 1  # the horizon grows: steps differ in cost
+    decode = [max(x) for x in lengths]
+    tokens = [sum(x) for x in lengths]
+    assert first.cost.state_dict() == {"steps": 4, "decode_iterations": sum(decode), "generated_tokens": sum(tokens),
+                                       "trained_tokens": sum(tokens), "teacher_scored_tokens": 0}
+    step_logs = [e for e in first.state.log_history if "loss" in e]
+    assert [e["horizon/decode_iterations"] for e in step_logs] == [float(sum(decode[:i + 1])) for i in range(4)]
+    assert logged(first, "horizon/step_decode_iterations") == [float(d) for d in decode]
+    assert logged(first, "horizon/trained_tokens")[-1] == sum(tokens)
+    assert "teacher/scored_tokens" not in first.state.log_history[0]  # a local teacher: no server bill
+
+    resumed = _trainer(tmp_path, student, teacher, tokenizer, prompts, **overrides)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.cost.state_dict() == first.cost.state_dict()  # the ledger is checkpoint state
+
+
 def test_loss_window_generates_to_its_end_and_trains_inside_it_only(tmp_path, student, teacher, tokenizer, prompts):
     # L = 16, truncated at 0.5 -> H = 8; window [0.25, 0.75) of H -> generate ceil(0.75 * 8) = 6, train on [2, 6)
     trainer = _trainer(tmp_path, student, teacher, tokenizer, prompts, max_steps=2, horizon="truncated",
@@ -212,6 +240,8 @@ def test_loss_window_generates_to_its_end_and_trains_inside_it_only(tmp_path, st
     for record in records:
         assert record.kl_counts[:2] == [0.0, 0.0] and all(c > 0 for c in record.kl_counts[2:4])
         assert sum(record.kl_counts[6:]) == 0.0
+    # only the window's positions count as trained; every generated token counts as generated
+    assert trainer.cost.trained_tokens == sum(sum(r.kl_counts) for r in records) < trainer.cost.generated_tokens
 
 
 def test_adaptive_on_the_topk_overlap_signal_measures_it_on_probes_only(tmp_path, student, teacher, tokenizer,

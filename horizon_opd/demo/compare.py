@@ -1,6 +1,11 @@
 """Horizon policies compared on the same step budget: train each method from the same student, evaluate held-out
-greedy accuracy at the full horizon along the way, and measure training seconds, generated tokens and peak memory;
-then summarize over seeds, compare with OPD, print a table and plot accuracy against training time."""
+greedy accuracy at the full horizon along the way, and measure what each run cost (training seconds, decode
+iterations, generated and trained tokens, peak memory); then summarize over seeds, compare with OPD, print a table and
+plot accuracy against training time and against decode iterations.
+
+Seconds on a CPU follow the tokens generated; a GPU step waits on its decode iterations (its longest rollout). The
+token-matched baseline (`opd-matched0.1`: OPD with ceil(0.1 B) prompts per step) separates what a truncated method owes
+to its horizon from what it owes to smaller updates."""
 
 import copy
 import math
@@ -20,20 +25,42 @@ from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
 from .measure import PeakRSS, machine_description
 
-DEFAULT_METHOD_NAMES = ("opd", "topd0.1", "popd", "anchored", "adaptive")
+DEFAULT_METHOD_NAMES = ("opd", "opd-matched0.1", "topd0.1", "popd", "anchored", "adaptive")
+
+
+# `opd-matched<rho>`: OPD with the prompts per step of a truncated method's tokens per update (ceil(rho * B)).
+MATCHED_PREFIX = "opd-matched"
 
 
 @dataclass
 class Method:
-    """A named horizon setting: the `HorizonOPDConfig` fields that differ between methods."""
+    """A named horizon setting: the `HorizonOPDConfig` fields that differ between methods, and for a token-matched
+    baseline the fraction of the prompts per step it trains on (`batch_ratio`: ceil(batch_ratio * B) prompts)."""
 
     name: str
     horizon: dict = field(default_factory=dict)
+    batch_ratio: float | None = None
+
+    def batch_size(self, batch_size: int) -> int:
+        """Prompts per step for this method when the comparison runs B = `batch_size`."""
+        if self.batch_ratio is None:
+            return batch_size
+        return max(1, math.ceil(round(self.batch_ratio * batch_size, 9)))
 
 
 def method(name: str) -> Method:
-    """The method a command-line name stands for (`opd`, `topd0.1`, `popd`, `popd-stages`, `anchored`, `adaptive`,
-    ...), labelled by its policy. Raises ValueError naming the accepted names."""
+    """The method a command-line name stands for (`opd`, `opd-matched0.1`, `topd0.1`, `popd`, `popd-stages`,
+    `anchored`, `adaptive`, `rolling`, ...), labelled by its policy. Raises ValueError naming the accepted names."""
+    if name.startswith(MATCHED_PREFIX):
+        suffix = name[len(MATCHED_PREFIX):]
+        try:
+            ratio = float(suffix)
+        except ValueError:
+            raise ValueError(f"unknown method {name!r}: {MATCHED_PREFIX}<rho> needs a ratio, e.g. "
+                             f"{MATCHED_PREFIX}0.1") from None
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"{name!r}: the ratio {ratio:g} must be in (0, 1], e.g. {MATCHED_PREFIX}0.1")
+        return Method(f"OPD matched rho={ratio:g}", {"horizon": "full"}, batch_ratio=ratio)
     policy_cls, settings = policy_from_alias(name)
     policy = policy_cls(max_completion_length=100, **settings)  # validates; the label does not depend on L
     return Method(policy.label(), {"horizon": policy.name, **settings})
@@ -47,7 +74,9 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
 
     Every `eval_every` steps `evaluate(model)` gives the held-out accuracy, and `trainer.evaluate()` on the first
     `watch_size` held-out prompts measures the reverse KL of full-horizon rollouts, which the collapse alarm reads (a
-    truncated run never generates past its horizon otherwise). Neither counts in `train_seconds`."""
+    truncated run never generates past its horizon otherwise). Neither counts in `train_seconds` or in the costs.
+    `batch_size` is the comparison's B; a token-matched method trains on `method.batch_size(B)` prompts per step."""
+    batch_size = method.batch_size(batch_size)
     evaluate = evaluate or (lambda model: evaluate_accuracy(model, tokenizer, eval_dataset, max_completion_length))
     watch = eval_dataset.select(range(min(watch_size, len(eval_dataset)))) if watch_size else None
     args = HorizonOPDConfig(
@@ -78,6 +107,7 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
     trainer = HorizonOPDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args,
                                 train_dataset=train_dataset, eval_dataset=watch, processing_class=tokenizer,
                                 callbacks=[callback])
+    callback.costs = trainer.cost.state_dict  # each point of the curve carries the costs so far
     trainer.remove_callback(PrinterCallback)  # the progress bar and the final table report progress instead
     with PeakRSS() as memory:
         trainer.train()
@@ -86,10 +116,13 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
     return {
         "name": method.name,
         "seed": seed,
+        "batch_size": batch_size,
         "horizon": {**trainer.horizon_policy.setting_values(), "max_completion_length": max_completion_length},
         "final_accuracy": curve[-1]["accuracy"],
         "train_seconds": curve[-1]["train_seconds"],
-        "tokens_generated": trainer.generated_tokens,
+        "tokens_generated": trainer.cost.generated_tokens,
+        "decode_iterations": trainer.cost.decode_iterations,
+        "trained_tokens": trainer.cost.trained_tokens,
         "teacher_scored_tokens": trainer.teacher_scored_tokens if trainer.remote_teacher is not None else None,
         "peak_memory_mb": round(memory.peak, 1),
         "curve": curve,
@@ -131,7 +164,8 @@ def run_comparison(methods: list[Method], student, teacher, tokenizer, train_dat
                 model.save_pretrained(path)
                 tokenizer.save_pretrained(path)
             progress.done(f"{m.name} seed {seed}: accuracy {record['final_accuracy']:.3f}, "
-                          f"{record['train_seconds']:.1f} s, {record['tokens_generated']} tokens")
+                          f"{record['train_seconds']:.1f} s, {record['decode_iterations']} decode iterations, "
+                          f"{record['tokens_generated']} tokens")
             records.append(record)
     progress.close()
     results = {
@@ -181,11 +215,11 @@ class _Progress:
 
 
 def time_to_reach(curve: list[dict], target: float, key: str = "train_seconds") -> float | None:
-    """Training seconds (or another field of the point, e.g. "step") at the first evaluation whose accuracy is >=
-    target (None if never)."""
+    """Training seconds (or another field of the point, e.g. "step" or "decode_iterations") at the first evaluation
+    whose accuracy is >= target (None if never, or if the curve does not record `key`)."""
     for point in curve:
         if point["accuracy"] >= target - 1e-9:
-            return point[key]
+            return point.get(key)
     return None
 
 
@@ -200,7 +234,8 @@ def summarize(records: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["name"] for r in records):
         runs = [r for r in records if r["name"] == name]
         row = {"name": name, "seeds": len(runs)}
-        for key in ("final_accuracy", "train_seconds", "tokens_generated", "peak_memory_mb", "teacher_scored_tokens"):
+        for key in ("final_accuracy", "train_seconds", "decode_iterations", "tokens_generated", "trained_tokens",
+                    "peak_memory_mb", "teacher_scored_tokens", "batch_size"):
             if all(r.get(key) is not None for r in runs):  # teacher_scored_tokens: remote teacher only
                 row[key], row[key + "_std"] = mean_std([float(r[key]) for r in runs])
         rows.append(row)
@@ -208,9 +243,10 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def compare_with_opd(results: dict) -> dict:
-    """Per seed and method, against OPD of the same seed: the final-accuracy gap (OPD minus method), the training-time
-    and token ratios, and the training seconds each needs to reach 90% of OPD's final accuracy (the paper's POPD
-    comparison). Methods without an OPD run of their seed are left out."""
+    """Per seed and method, against OPD of the same seed: the final-accuracy gap (OPD minus method), the ratios of
+    training seconds, decode iterations, generated and trained tokens, and the training seconds and decode iterations
+    each needs to reach 90% of OPD's final accuracy (the paper's POPD comparison). Methods without an OPD run of their
+    seed are left out."""
     by_seed = {}
     for r in results["methods"]:
         by_seed.setdefault(r["seed"], {})[r["name"]] = r
@@ -221,71 +257,105 @@ def compare_with_opd(results: dict) -> dict:
             continue
         target = 0.9 * opd["final_accuracy"]
         opd_time = time_to_reach(opd["curve"], target)
+        opd_decode = time_to_reach(opd["curve"], target, "decode_iterations")
         for name, r in runs.items():
             if name == "OPD":
                 rows.append({"seed": seed, "method": name, "opd_gain": opd["final_accuracy"] -
-                             results["student_accuracy"], "time_to_90pct": opd_time})
+                             results["student_accuracy"], "time_to_90pct": opd_time,
+                             "decode_iterations_to_90pct": opd_decode})
                 continue
             time_90 = time_to_reach(r["curve"], target)
+            decode_90 = time_to_reach(r["curve"], target, "decode_iterations")
             rows.append({
                 "seed": seed, "method": name,
                 "accuracy_gap": opd["final_accuracy"] - r["final_accuracy"],
                 "time_ratio": r["train_seconds"] / opd["train_seconds"],
                 "token_ratio": r["tokens_generated"] / max(1, opd["tokens_generated"]),
+                "decode_ratio": _ratio(r.get("decode_iterations"), opd.get("decode_iterations")),
+                "trained_token_ratio": _ratio(r.get("trained_tokens"), opd.get("trained_tokens")),
                 "time_to_90pct": time_90,
                 "time_to_90pct_ratio": None if (time_90 is None or not opd_time) else time_90 / opd_time,
+                "decode_iterations_to_90pct": decode_90,
+                "decode_to_90pct_ratio": _ratio(decode_90, opd_decode),
             })
     return {"per_seed": rows}
 
 
+def _ratio(value, reference) -> float | None:
+    return None if value is None or not reference else value / reference
+
+
+# The cost columns of the table: (summary key, header). Shown with their share of OPD's where an OPD run exists.
+COST_COLUMNS = (("train_seconds", "train seconds (CPU)"), ("decode_iterations", "decode iterations"),
+                ("tokens_generated", "tokens generated"), ("trained_tokens", "tokens trained"))
+
+
 def format_table(results: dict) -> str:
+    """The summary as a Markdown table: accuracy, then each cost as mean (± std over seeds) and its share of OPD's."""
     s = results["settings"]
+    rows = results["summary"]
+    remote = all("teacher_scored_tokens" in row for row in rows)
+    opd = next((row for row in rows if row["name"] == "OPD"), None)
+    headers = ["method", "prompts/step", "final accuracy", *(h for _, h in COST_COLUMNS), "peak memory (MB)"]
+    if remote:  # a teacher server scored the rollouts: its cost, in tokens
+        headers.append("tokens scored by the teacher server")
     lines = [
         f"teacher accuracy {results['teacher_accuracy']:.3f}, student before {results['student_accuracy']:.3f}, "
         f"{s['steps']} steps x {s['batch_size']} prompts, lr {s['learning_rate']:g}, L = {s['max_completion_length']}, "
         f"seeds {s['seeds']}",
-        "| method | final accuracy | train seconds | tokens generated | peak memory (MB) |",
-        "|---|---|---|---|---|",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
     ]
-    remote = all("teacher_scored_tokens" in row for row in results["summary"])
-    if remote:  # a teacher server scored the rollouts: its cost, in tokens
-        lines[1:3] = [lines[1] + " tokens scored by the teacher server |", lines[2] + "---|"]
-    for row in results["summary"]:
-        def cell(key, digits):
+    for row in rows:
+        def cell(key, digits, share=False):
+            if key not in row:
+                return "–"
+            text = f"{row[key]:.{digits}f}"
             if row["seeds"] > 1:
-                return f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}"
-            return f"{row[key]:.{digits}f}"
+                text += f" ± {row[key + '_std']:.{digits}f}"
+            if share and opd is not None and row is not opd and opd.get(key):
+                text += f" ({row[key] / opd[key]:.0%})"
+            return text
 
-        lines.append(f"| {row['name']} | {cell('final_accuracy', 3)} | {cell('train_seconds', 1)} | "
-                     f"{cell('tokens_generated', 0)} | {cell('peak_memory_mb', 0)} |"
-                     + (f" {cell('teacher_scored_tokens', 0)} |" if remote else ""))
+        cells = [row["name"], cell("batch_size", 0) if "batch_size" in row else str(s["batch_size"]),
+                 cell("final_accuracy", 3), *(cell(key, 1 if key == "train_seconds" else 0, share=True)
+                                              for key, _ in COST_COLUMNS), cell("peak_memory_mb", 0)]
+        if remote:
+            cells.append(cell("teacher_scored_tokens", 0, share=True))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
+    """Accuracy against training seconds (what this machine paid) beside accuracy against decode iterations (what a
+    GPU step waits on); one colour per method, every seed drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    panels = (("train_seconds", "training wall-clock on this machine (s, evaluation excluded)"),
+              ("decode_iterations", "decode iterations (sum over steps of the longest rollout)"))
     colors = {}
-    for r in results["methods"]:
-        color = colors.setdefault(r["name"], f"C{len(colors)}")
-        xs = [p["train_seconds"] for p in r["curve"]]
-        ys = [p["accuracy"] for p in r["curve"]]
-        label = r["name"] if r["seed"] == results["methods"][0]["seed"] else None
-        ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label, alpha=0.9)
-    if not math.isnan(results["teacher_accuracy"]):  # NaN: a remote teacher, not evaluated here
-        ax.axhline(results["teacher_accuracy"], color="gray", linestyle="--", linewidth=1, label="teacher")
-    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
-    ax.set_ylabel("held-out greedy accuracy (full horizon)")
-    ax.set_ylim(-0.02, 1.02)
+    for ax, (key, xlabel) in zip(axes, panels, strict=True):
+        for r in results["methods"]:
+            if any(key not in p for p in r["curve"]):  # results written before the cost accounting
+                continue
+            color = colors.setdefault(r["name"], f"C{len(colors)}")
+            label = r["name"] if r["seed"] == results["methods"][0]["seed"] else None
+            ax.plot([p[key] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], marker="o", markersize=3,
+                    color=color, label=label, alpha=0.9)
+        if not math.isnan(results["teacher_accuracy"]):  # NaN: a remote teacher, not evaluated here
+            ax.axhline(results["teacher_accuracy"], color="gray", linestyle="--", linewidth=1, label="teacher")
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out greedy accuracy (full horizon)")
+    axes[1].legend(loc="lower right", fontsize=8)
     s = results["settings"]
     title = f"{' vs '.join(colors)} ({s['steps']} steps, lr {s['learning_rate']:g})"
-    ax.set_title(textwrap.fill(title, 100), fontsize=9)  # five methods' names do not fit one line
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
+    fig.suptitle(textwrap.fill(title, 140), fontsize=9)  # many methods' names do not fit one line
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
