@@ -54,6 +54,11 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
             `adaptive_*`) are declared with the policy in `horizon_opd/horizon.py`, where their help text lives;
             `HorizonOPDConfig` takes them as fields and `--flags`.
 
+        rollout_max_tokens (`int` or `None`, *optional*, defaults to `None`):
+            A cut in tokens rather than a ratio (ESR, arXiv 2605.27028, trained on the first N = 100 tokens): every
+            rollout ends after at most this many tokens, in any horizon mode (the horizon becomes min(horizon, N);
+            with `horizon="rolling"` a rollout ends at N). `None`: rollouts may run to `max_completion_length`.
+
         > Parameters that control the loss
 
         loss_type (`str`, *optional*, defaults to `"reverse_kl"`):
@@ -115,6 +120,10 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
     horizon: str = field(
         default="full",
         metadata={"help": "Rollout horizon policy.", "choices": list(HORIZON_POLICIES)},
+    )
+    rollout_max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "End every rollout after at most this many tokens, in any horizon mode (e.g. 100)."},
     )
     loss_type: str = field(
         default="reverse_kl",
@@ -184,6 +193,7 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
                              f"when the late-position KL doubles from its best).")
         if not (isinstance(self.alarm_repetition, int | float) and 0.0 < self.alarm_repetition <= 1.0):
             raise ValueError(f"alarm_repetition={self.alarm_repetition!r} must be a fraction in (0, 1], e.g. 0.5.")
+        self._check_rolling()
         self._check_remote_teacher()
         self._check_generation_kwargs()
         self._check_sampling_settings()
@@ -197,6 +207,20 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
             raise ValueError(f"horizon={self.horizon!r} is not a horizon policy; choose one of "
                              f"{list(HORIZON_POLICIES)}.")
         return HorizonPolicy.from_config(self)
+
+    def _check_rolling(self) -> None:
+        n = self.rollout_max_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"rollout_max_tokens={n!r} must be an integer >= 1 (a rollout's length in tokens), or "
+                             f"None to let rollouts run to max_completion_length.")
+        if self.horizon != "rolling":
+            return
+        if self.loss_window is not None:
+            raise ValueError(f"loss_window={self.loss_window} with horizon='rolling': a rolled chunk is already a window "
+                             f"of its rollout. Drop loss_window, or use horizon='truncated'.")
+        if self.loss_type == "sequence":
+            raise ValueError("loss_type='sequence' with horizon='rolling': the sequence-level advantage sums to the end "
+                             "of the rollout, which a chunk does not reach. Use loss_type='reverse_kl' or 'sampled'.")
 
     def _check_remote_teacher(self) -> None:
         for name, low in (("loss_top_k", 1), ("teacher_server_max_retries", 0), ("teacher_server_chunk_size", 0)):

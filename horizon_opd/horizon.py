@@ -12,6 +12,7 @@ config, the trainer, the command line, the model card and results.json read it f
 | `truncated` | TOPD | ceil(rho * L) for all of training |
 | `progressive` | POPD | grows from rho_0 * L to L (linear ramp or stages), then stays at L |
 | `anchored` | TOPD + anchors | ceil(rho * L), and L on every `anchor_every`-th step (steps 0, k, 2k, ...) |
+| `rolling` | rolling rollouts | ceil(rho * L) per step, continuing each rollout where the last step left it, until EOS or L |
 | `adaptive` | measured | L on probe steps (step 0, then every k <= `adaptive_probe_every` steps); in between, a ratio set from the per-position signal the probes measured |
 
 `full`, `truncated`, `progressive` and `anchored` are pure functions of the step: a run resumed from a checkpoint
@@ -462,8 +463,31 @@ def adaptive_decision(profile: list[float | None], first: list[float | None] | N
             "prefix_improvement": prefix_improvement}
 
 
+@dataclass
+class RollingHorizon(TruncatedHorizon):
+    """Rollouts continued chunk by chunk across steps (`horizon_opd/rollout.py`): every step decodes one chunk of
+    ceil(rho * L) tokens per rollout, TOPD's decode iterations, and every position up to L is trained. The horizon this
+    policy gives is the chunk; where a chunk sits in its rollout is the rollout pool's business."""
+
+    name: ClassVar[str] = "rolling"
+    alias: ClassVar[str] = "rolling"
+    alias_setting: ClassVar[str] = "truncation_ratio"
+    summary: ClassVar[str] = ("rolling: every step continues each rollout by one chunk of ceil(rho * L) tokens, until "
+                              "EOS or L")
+
+    def label(self):
+        return f"Rolling rho={self.truncation_ratio:g}"
+
+    def describe(self):
+        return (f"`rolling`: every step continues each rollout in flight by a chunk of ceil(rho * L) = "
+                f"{horizon_at(0, 1, self)} tokens (rho = `truncation_ratio` = {self.truncation_ratio}) until it stops "
+                f"(EOS) or reaches L = {self.max_completion_length}; only the new chunk is trained on, at its true "
+                f"positions")
+
+
 HORIZON_POLICIES: dict[str, type[HorizonPolicy]] = {
-    cls.name: cls for cls in (HorizonPolicy, TruncatedHorizon, ProgressiveHorizon, AnchoredHorizon, AdaptiveHorizon)
+    cls.name: cls for cls in (HorizonPolicy, TruncatedHorizon, ProgressiveHorizon, AnchoredHorizon, AdaptiveHorizon,
+                              RollingHorizon)
 }
 
 

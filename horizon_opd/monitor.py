@@ -71,15 +71,18 @@ class StepMeter:
             self._tensors["signal"].index_add_(0, positions, (signal.detach().double() * mask).reshape(-1))
 
     def add_rollouts(self, completion_ids: list[list[int]]) -> None:
-        """The rollouts (or rolled chunks) one generate call returned: counted, checked for loops, and priced (its
-        tokens, and its decode iterations = its longest sequence, which the whole batched call waits for)."""
+        """The rollouts one generate call returned: priced (`add_generation`), counted and checked for loops."""
         self.add_generation(completion_ids)
-        self.rollouts += len(completion_ids)
-        self.repeating += sum(ends_in_loop(list(ids)) for ids in completion_ids)
+        self.count_rollouts(completion_ids)
+
+    def count_rollouts(self, rollouts: list[list[int]]) -> None:
+        """Whole rollouts (for rolling rollouts, those that finished this step), counted and checked for loops."""
+        self.rollouts += len(rollouts)
+        self.repeating += sum(ends_in_loop(list(ids)) for ids in rollouts)
 
     def add_generation(self, completion_ids: list[list[int]]) -> None:
-        """Price a generate call whose sequences are not rollouts of their own (e.g. the prefixes that seed a rolling
-        pool): its tokens and decode iterations count, its sequences do not."""
+        """Price one generate call: its tokens, and its decode iterations = its longest sequence, which the whole
+        batched call waits for."""
         self.generated_tokens += sum(len(ids) for ids in completion_ids)
         self.decode_iterations += max((len(ids) for ids in completion_ids), default=0)
 
@@ -153,7 +156,8 @@ class CostLedger:
 class LogWindow:
     """The steps since the last log, summed per position: `metrics` gives what one log line shows.
 
-    `horizon/tokens` is the longest horizon of the window and the `kl_by_position` bins split [0, that horizon) into
+    `horizon/tokens` is the longest horizon of the window and the `kl_by_position` bins split [0, `horizon/kl_span`)
+    (that horizon, or past it the deepest position trained, as rolled chunks are) into
     equal-width bins, each the token-weighted mean over every step and rank of the window, so the bins recombine
     exactly into the window's mean per-token KL (not a mean of means, and not mixed across horizons: a position is
     binned by where it is, whatever the horizon of its step)."""
@@ -181,13 +185,16 @@ class LogWindow:
         if not self.horizons:
             return {}
         horizon = max(self.horizons)
+        # rolled chunks are trained past the step's horizon (the chunk): bin over every position trained
+        span = max([horizon] + [p + 1 for p, c in enumerate(self.kl_counts) if c > 0])
         out = {"horizon/tokens": float(horizon), "horizon/ratio": horizon / self.length,
                "horizon/mean_tokens": sum(self.horizons) / len(self.horizons),
-               "horizon/step_decode_iterations": sum(self.decode_iterations) / len(self.decode_iterations)}
+               "horizon/step_decode_iterations": sum(self.decode_iterations) / len(self.decode_iterations),
+               "horizon/kl_span": float(span)}
         if self.rollouts:
             out["horizon/repeating"] = self.repeating / self.rollouts
         if self.num_bins:
-            for i, mean in enumerate(bin_means(self.kl_sums, self.kl_counts, horizon, self.num_bins)):
+            for i, mean in enumerate(bin_means(self.kl_sums, self.kl_counts, span, self.num_bins)):
                 out[f"kl_by_position/bin_{i}"] = math.nan if mean is None else mean
         return out
 

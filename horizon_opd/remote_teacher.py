@@ -12,6 +12,15 @@ logits and ignores the request's `temperature` (vllm-project/vllm#37082 proposes
 `prompt_logprobs_temperature`), and log softmax(z / T) at the top-k cannot be recovered from top-k values of
 log softmax(z) (it needs the logsumexp of z / T over the whole vocabulary). A trainer with a remote teacher must
 therefore use `temperature=1.0` for the loss.
+
+Vocabulary and length ([`attach_teacher_server`], at trainer construction): the ids both sides share are the
+tokenizer's, `0..len(tokenizer)-1`. Ids past it are padding rows of a head (Qwen2.5's 151936 or 152064 rows for a
+151665-token tokenizer): no text maps to them, and a server need not score them (vLLM accepts an id only below
+max(its tokenizer's size, its model's vocab_size), and its `/v1/models` reports neither). So a student head larger
+than the tokenizer has those rows suppressed in generation and left out of its softmax in the loss, as a local
+teacher's smaller head does. A server that reports its head size (`vocab_size` in `/v1/models`, as the loopback
+server does) must cover the tokenizer. vLLM's `/v1/models` reports `max_model_len`: a prompt + completion must fit in
+it with one token to spare, which is checked against `max_completion_length` and the longest prompt.
 """
 
 import http.client
@@ -21,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -113,6 +123,7 @@ class RemoteTeacher:
         url = base_url.rstrip("/")
         self.base_url = url[: -len("/v1")] if url.endswith("/v1") else url
         self._model = model
+        self._entry = None  # the served model's /v1/models entry, asked once
         self.top_k = top_k
         self.timeout = timeout
         self.max_retries = max_retries
@@ -169,11 +180,31 @@ class RemoteTeacher:
     def model(self) -> str:
         """The served model name: the one given, else the first of the server's `/v1/models`."""
         if self._model is None:
-            models = self._request("GET", "/v1/models")["data"]
+            self._model = self.model_entry()["id"]
+        return self._model
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The longest sequence the server takes (`max_model_len` in `/v1/models`, which vLLM reports); None if the
+        server does not say. A scored sequence must be shorter than it, as vLLM generates one token."""
+        return _positive_int(self.model_entry().get("max_model_len"))
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The ids the served model can score (`vocab_size` in `/v1/models`: the loopback server reports its head's
+        rows; vLLM reports nothing, so None)."""
+        return _positive_int(self.model_entry().get("vocab_size"))
+
+    def model_entry(self) -> dict:
+        """The served model's entry in `/v1/models`, asked once: the one with the given name, else the first listed
+        (empty when a given name is not listed, e.g. a LoRA adapter served by another name)."""
+        if self._entry is None:
+            models = (self._request("GET", "/v1/models") or {}).get("data") or []
             if not models:
                 raise TeacherServerError(f"Teacher server {self.base_url}/v1/models lists no model.")
-            self._model = models[0]["id"]
-        return self._model
+            named = [entry for entry in models if entry.get("id") == self._model]
+            self._entry = named[0] if named else ({} if self._model is not None else models[0])
+        return self._entry
 
     # ----------------------------------------------------------------------------------------------- scoring
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> TeacherScores:
@@ -279,6 +310,115 @@ def connect_teacher_server(args) -> RemoteTeacher:
     client.health()
     _ = client.model  # resolved once now, so a server without a model fails at construction, not mid-training
     return client
+
+
+# Prompts of each dataset tokenized at construction to find the longest one (the server's max_model_len must fit it).
+PROMPT_SCAN_LIMIT = 1024
+
+
+def attach_teacher_server(trainer, client: RemoteTeacher) -> int | None:
+    """Check a teacher server against `trainer` after TRL's constructor ran, as [`attach_teacher`] does a local
+    teacher, and return the vocabulary the student's head is sliced to in the loss (None: the whole head).
+
+    - A server that reports a `vocab_size` below the tokenizer's size cannot score every token: refused.
+    - A server `max_model_len` that the longest prompt + `max_completion_length` + 1 exceeds: refused (both named).
+    - A student head larger than the tokenizer: its rows past the tokenizer are suppressed in generation (the shared
+      vocabulary is `len(tokenizer)`, see the module docstring). vLLM generation cannot suppress them: refused when the
+      server reports a smaller head than the student's (as with a local teacher), else warned about.
+    """
+    tokenizer_size = len(trainer._tokenizer)
+    student_vocab = trainer.model.config.get_text_config().vocab_size
+    server_vocab = client.vocab_size
+    if server_vocab is not None and server_vocab < tokenizer_size:
+        raise ValueError(
+            f"The teacher server {client.base_url} serves {client.model!r}, which scores ids below {server_vocab}, "
+            f"but the tokenizer has {tokenizer_size} tokens: the teacher cannot score every token, so the two do not "
+            f"share a tokenizer. Distillation compares next-token distributions and needs one: serve a teacher from "
+            f"the student's family (sizes may differ only by padding rows past the tokenizer), or use TRL's GOLD "
+            f"trainer for cross-tokenizer distillation."
+        )
+    check_max_model_len(trainer, client)
+    if student_vocab <= tokenizer_size:
+        return None
+    if trainer.use_vllm:
+        if server_vocab is not None and student_vocab > server_vocab:
+            raise ValueError(
+                f"The student's vocab_size {student_vocab} exceeds the {server_vocab} ids the teacher server "
+                f"{client.base_url} scores, and vLLM generation cannot be told to avoid the student's padding ids. "
+                f"Use use_vllm=False, or a teacher with at least the student's vocab_size."
+            )
+        if server_vocab is None:
+            warnings.warn(
+                f"The student's head has {student_vocab} rows but the tokenizer {tokenizer_size} tokens, and vLLM "
+                f"generation cannot be told to avoid the padding ids past the tokenizer. The teacher server "
+                f"{client.base_url} does not report which ids it scores: a sampled padding id past its model's "
+                f"vocab_size fails that step, naming the URL. use_vllm=False suppresses them.",
+                stacklevel=3,
+            )
+        return None
+    # Ids past the tokenizer are no text's and need not be scored by the server: never sample them, and leave them
+    # out of the student's softmax in the loss, as for a local teacher with the smaller head.
+    from .teacher import suppress_in_generation
+
+    suppress_in_generation(trainer, range(tokenizer_size, student_vocab))
+    return tokenizer_size
+
+
+def check_max_model_len(trainer, client: RemoteTeacher) -> None:
+    """Refuse a server whose `max_model_len` (when reported) is too short for the longest prompt (of the first
+    `PROMPT_SCAN_LIMIT` of each dataset) + `max_completion_length` + 1 (vLLM needs room for the one token it
+    generates); the server would refuse those sequences mid-training."""
+    limit = client.max_model_len
+    if limit is None:
+        return
+    completion = trainer.args.max_completion_length
+    prompt, where = _longest_prompt(trainer)
+    needed = prompt + completion + 1
+    if needed <= limit:
+        return
+    fixes = [f"serve the teacher with a longer context (vllm serve ... --max-model-len {needed} or more)"]
+    if limit - prompt - 1 >= 1:
+        fixes.append(f"set max_completion_length <= {limit - prompt - 1}")
+    if where is not None:
+        fixes.append("shorten the prompts")
+    part = f"the longest prompt ({prompt} tokens: {where})" if where else "a 1-token prompt"
+    raise ValueError(
+        f"The teacher server {client.base_url} serves {client.model!r} with max_model_len {limit}, but scoring a "
+        f"rollout needs up to {needed} tokens: {part} + max_completion_length {completion} + 1 (the server scores a "
+        f"sequence only if one more token fits). Either {', or '.join(fixes)}."
+    )
+
+
+def _longest_prompt(trainer) -> tuple[int, str | None]:
+    """Tokens of the longest prompt (tokenized as TRL does for generation) among the first `PROMPT_SCAN_LIMIT` of
+    the train and eval datasets, and which one it is; `(1, None)` when none can be measured (no sized dataset, or a
+    VLM, whose prompts grow with their images)."""
+    from trl import DistillationTrainer
+
+    if getattr(trainer, "_is_vlm", False):
+        return 1, None
+    eval_dataset = trainer.eval_dataset
+    datasets = [("train_dataset", trainer.train_dataset)] + (
+        [(f"eval_dataset[{key!r}]", value) for key, value in eval_dataset.items()]
+        if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
+    )
+    longest, where = 1, None
+    for name, dataset in datasets:
+        try:
+            count = min(len(dataset), PROMPT_SCAN_LIMIT)
+        except TypeError:  # None, or an iterable dataset
+            continue
+        for start in range(0, count, 64):
+            prompts = [dataset[i]["prompt"] for i in range(start, min(start + 64, count))]
+            # TRL's tokenization of fresh prompts, not a subclass's (which may read state not built yet)
+            lengths = [len(ids) for ids in DistillationTrainer._tokenize_prompts(trainer, prompts)[0]]
+            if max(lengths) > longest:
+                longest, where = max(lengths), f"prompt {start + lengths.index(max(lengths))} of {name}"
+    return longest, where
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def format_sequence_logprobs(choice: dict, sequence: list[int], prompt_length: int, top_k: int) -> dict:

@@ -27,9 +27,7 @@ def attach_teacher(trainer, teacher):
                 f"student's vocab_size."
             )
         # The student's padding rows are ids no tokenizer token has and the teacher cannot score: never sample them.
-        suppressed = list(trainer.generation_kwargs.get("suppress_tokens") or []) + list(range(shared, student_vocab))
-        trainer.generation_kwargs["suppress_tokens"] = suppressed
-        trainer.generation_config.suppress_tokens = suppressed
+        suppress_in_generation(trainer, range(shared, student_vocab))
     teacher.requires_grad_(False)
     if trainer.is_deepspeed_enabled:
         return prepare_teacher_for_deepspeed(teacher, trainer.accelerator), shared
@@ -37,6 +35,14 @@ def attach_teacher(trainer, teacher):
     if not trainer.is_fsdp_enabled:
         check_heads_share_a_device(trainer.model, trainer.accelerator.unwrap_model(prepared))
     return prepared, shared
+
+
+def suppress_in_generation(trainer, ids) -> None:
+    """Never let `model.generate` sample `ids`: added to the trainer's `suppress_tokens` (TRL's generation kwargs and
+    config, where TRL already suppresses a VLM's image token). vLLM generation does not read them."""
+    suppressed = list(trainer.generation_kwargs.get("suppress_tokens") or []) + list(ids)
+    trainer.generation_kwargs["suppress_tokens"] = suppressed
+    trainer.generation_config.suppress_tokens = suppressed
 
 
 def load_teacher(teacher, args):
@@ -110,6 +116,32 @@ def vocab_slice(head: torch.nn.Module, vocab_size: int | None):
         if tensor is not None:
             tensor.ds_status = ZeroParamStatus.AVAILABLE
     return weight, bias
+
+
+def register_student_head_for_zero3(trainer) -> None:
+    """ZeRO-3: make the student's trainable head parameters external parameters of the student's root module, so
+    DeepSpeed gathers them for the root's whole forward and backward (the loss runs inside that forward, through
+    TRL's `_forward_redirection`).
+
+    The loss reads `lm_head.weight` directly (TRL's kernels, `vocab_slice`), never through the lm_head module, so no
+    lm_head hook gathers it for the backward, where autograd accumulates its full (V, H) gradient: that needs the
+    parameter gathered at that moment, else autograd copies the gradient into the parameter's empty shard ("The size
+    of tensor a (0) must match the size of tensor b (H)"). DeepSpeed registers such a parameter by itself only if a
+    forward reads it while it is still partitioned (NOT_AVAILABLE). With `ds3_gather_for_generation=False` the
+    student's `generate` runs through the ZeRO-3 hooks, DeepSpeed records its module trace there (the lm_head module
+    after the final norm), and in training its prefetcher has already started gathering the head when the loss reads
+    it (INFLIGHT): never registered, the head is released before the backward, and the kernel's own gather ends before
+    autograd accumulates. Registered here, the head is gathered by the root module's hooks whatever the prefetcher did.
+    """
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    if plugin is None or plugin.zero_stage != 3:
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    head = trainer.model.get_output_embeddings()
+    for param in (head.weight, getattr(head, "bias", None)):
+        if isinstance(param, torch.nn.Parameter) and param.requires_grad:  # a frozen head gets no gradient
+            register_external_parameter(trainer.model, param)
 
 
 def check_teacher_for_deepspeed(teacher, zero_stage: int) -> None:

@@ -9,7 +9,9 @@ distillation client needs is implemented, in vLLM's response format (the fields 
   (ranks 1..k) and the token actually at that position with its rank in the vocabulary. The values are
   log softmax(logits) at temperature 1 whatever the request's `temperature`, as in vLLM. The one generated token is
   the greedy one.
-- `GET /health` (200, empty body) and `GET /v1/models`.
+- `GET /health` (200, empty body) and `GET /v1/models`: the served name and `max_model_len` (the model's
+  `max_position_embeddings`) as vLLM reports them, plus `vocab_size`, which vLLM does not report: the rows of the
+  model's head, i.e. the ids it can score ([`RemoteTeacher.vocab_size`]).
 
     python -m horizon_opd.teacher_server --model PATH --port 8000   # teacher_model_server_url="http://127.0.0.1:8000"
 
@@ -64,6 +66,8 @@ class TeacherServer:
         self.batch_size = batch_size
         self.faults = faults or ServerFaults()
         self.max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        # Reported by /v1/models (None leaves it out, as vLLM does); the ids the head can score.
+        self.vocab_size = self.model.get_output_embeddings().weight.size(0)
         self.completion_requests = 0
         self.scored_sequences = 0
         self.scored_positions = 0
@@ -236,10 +240,11 @@ def _handler_for(server: TeacherServer):
             if self.path == "/health":
                 self._send(200, None)
             elif self.path == "/v1/models":
-                self._send(200, {"object": "list", "data": [{
-                    "id": server.model_name, "object": "model", "created": int(time.time()), "owned_by": "horizon-opd",
-                    "root": server.model_name, "max_model_len": server.max_length,
-                }]})
+                entry = {"id": server.model_name, "object": "model", "created": int(time.time()),
+                         "owned_by": "horizon-opd", "root": server.model_name, "max_model_len": server.max_length}
+                if server.vocab_size is not None:
+                    entry["vocab_size"] = server.vocab_size
+                self._send(200, {"object": "list", "data": [entry]})
             else:
                 self._error(404, f"no route {self.path}")
 

@@ -1,11 +1,13 @@
 import copy
+import json
 import os
 import textwrap
 from typing import NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import TrainerCallback
+from transformers import DynamicCache, TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import DistillationTrainer
 
 from .config import HorizonOPDConfig
@@ -25,8 +27,9 @@ from .loss import (
     topk_reverse_kl_per_token,
 )
 from .monitor import CollapseAlarm, CostLedger, LogWindow, StepMeter
-from .remote_teacher import RemoteTeacher, connect_teacher_server
-from .teacher import attach_teacher, load_teacher, vocab_slice
+from .rollout import RolloutPool
+from .remote_teacher import RemoteTeacher, attach_teacher_server, connect_teacher_server
+from .teacher import attach_teacher, load_teacher, register_student_head_for_zero3, vocab_slice
 
 # Inputs TRL extracts for vision-language models, forwarded untouched to both backbones. TRL keeps this tuple local to
 # its `_compute_loss`, so it cannot be imported; tests/test_trl_seams.py checks that the two stay equal.
@@ -42,6 +45,8 @@ MULTIMODAL_KEYS = (
 )
 # Where the horizon policy's state, the alarm's and the global token count live in a checkpoint's trainer_state.json.
 STATE_KEY = "HorizonOPDTrainer"
+# Each rank's rollouts in flight (horizon="rolling") live in their own file of the checkpoint: rollout_pool_{rank}.json.
+POOL_FILE = "rollout_pool_{}.json"
 
 
 class HorizonOPDTrainer(DistillationTrainer):
@@ -119,10 +124,11 @@ class HorizonOPDTrainer(DistillationTrainer):
                          optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
                          tools=tools)
         self.remote_teacher: RemoteTeacher | None = remote_teacher
+        register_student_head_for_zero3(self)  # both losses read the student's lm_head weight directly
         if remote_teacher is None:
             self.teacher_model, self.shared_vocab_size = attach_teacher(self, teacher_model)
-        else:  # the server's vocabulary is unknown here: top-k ids past the student's head are moved to the tail
-            self.teacher_model, self.shared_vocab_size = None, None
+        else:  # ids past the tokenizer are suppressed; the server's top-k ids past the student's head go to the tail
+            self.teacher_model, self.shared_vocab_size = None, attach_teacher_server(self, remote_teacher)
         self.cost = CostLedger()  # what training has cost so far, over all ranks (decode iterations, tokens)
         self._pending_scored_tokens = 0  # tokens this rank's teacher-server requests scored, since the last gather
 
@@ -133,6 +139,12 @@ class HorizonOPDTrainer(DistillationTrainer):
         self.alarm = CollapseAlarm(L, args.alarm_factor, args.alarm_repetition, args.horizon)
         self.horizon_history: list[int] = []  # the horizon of every optimizer step so far
         self._step_horizon = None
+        self.rollout_pool: RolloutPool | None = None  # rollouts in flight across steps (horizon="rolling")
+        if args.horizon == "rolling":
+            self.rollout_pool = RolloutPool(
+                num_slots=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                chunk=horizon_at(0, 1, self.horizon_policy), max_tokens=min(L, args.rollout_max_tokens or L),
+                eos_token_ids=list(self.eos_token_ids))
         self.add_callback(_RestoreHorizonState(self))
 
     # ----------------------------------------------------------------------------------------------- horizon
@@ -149,18 +161,75 @@ class HorizonOPDTrainer(DistillationTrainer):
         # The horizon bounds generation itself (max_new_tokens / vLLM max_tokens), so the tokens past it are never
         # computed. A rollout cut there has no EOS appended: TRL keeps every generated token and masks only after an EOS.
         horizon = self.current_horizon()
-        if self.args.loss_window is not None and self.model.training:  # nothing past the window is trained on
-            horizon = loss_window_tokens(horizon, *self.args.loss_window)[1]
-        self.generation_config.max_new_tokens = horizon
-        self.generation_kwargs["max_new_tokens"] = horizon
-        if self.use_vllm:
-            self.vllm_generation.max_completion_length = horizon
-        mode = "train" if self.model.training else "eval"
-        if mode == "train":
+        if self.model.training:
+            if self.args.loss_window is not None:  # nothing past the window is trained on
+                horizon = loss_window_tokens(horizon, *self.args.loss_window)[1]
+            if self.args.rollout_max_tokens is not None:
+                horizon = min(horizon, self.args.rollout_max_tokens)
             self._step_horizon = horizon
+        self._set_generation_limit(horizon)
         completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        self._meters[mode].add_rollouts(completion_ids)
+        if self._rolls():  # prompt_ids are the slots' contexts (`_tokenize_prompts`): each rollout gains one chunk
+            self._meters["train"].add_generation(completion_ids)
+            completion_ids = self.rollout_pool.advance(completion_ids, self.state.global_step)
+            self._meters["train"].count_rollouts(self.rollout_pool.finished)
+            return completion_ids
+        self._meters["train" if self.model.training else "eval"].add_rollouts(completion_ids)
         return completion_ids
+
+    def _set_generation_limit(self, max_new_tokens: int) -> None:
+        self.generation_config.max_new_tokens = max_new_tokens
+        self.generation_kwargs["max_new_tokens"] = max_new_tokens
+        if self.use_vllm:
+            self.vllm_generation.max_completion_length = max_new_tokens
+
+    # ----------------------------------------------------------------------------------------------- rollouts
+    def _rolls(self) -> bool:
+        """Whether this generation continues rollouts in flight (training with horizon="rolling")."""
+        return self.rollout_pool is not None and self.model.training
+
+    def _tokenize_prompts(self, prompts: list):
+        """With rolling rollouts, generation reads each slot's context (prompt + the chunks it generated so far)
+        instead of the fresh prompt; a free slot takes the fresh prompt at its index. The first step seeds the slots at
+        staggered depths from one prefix per prompt (`RolloutPool.seed`)."""
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        if not self._rolls():
+            return prompt_ids, images, multimodal_fields
+        pool, step = self.rollout_pool, self.state.global_step
+        if not pool.seeded:
+            prefixes = [[] for _ in prompt_ids]
+            if pool.seed_prefix_tokens() > 0:
+                self._set_generation_limit(pool.seed_prefix_tokens())
+                prefixes = super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+                self._meters["train"].add_generation(prefixes)  # the seed is decode cost of step 0
+            pool.seed(prompt_ids, prefixes, step)
+        contexts = pool.contexts(prompt_ids, step)
+        for key, value in pool.stats(step).items():
+            self._metrics["train"][key].append(value)
+        return contexts, images, multimodal_fields
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if self._rolls():  # where each chunk starts in its rollout; travels with its row through TRL's shuffle and split
+            batch["completion_offsets"] = torch.tensor(self.rollout_pool.offsets, device=batch["completion_ids"].device)
+        return batch
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)  # called on every rank: each saves its own rollouts in flight beside it
+        if self.rollout_pool is not None:
+            with open(os.path.join(output_dir, POOL_FILE.format(self.args.process_index)), "w") as f:
+                json.dump(self.rollout_pool.state_dict(), f)
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        if self.rollout_pool is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, POOL_FILE.format(self.args.process_index))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: the checkpoint holds no rollouts in flight for rank "
+                                        f"{self.args.process_index}. Resume a horizon='rolling' run from a checkpoint "
+                                        f"it wrote, with the same number of processes.")
+            with open(path) as f:
+                self.rollout_pool.load_state_dict(json.load(f))
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -176,8 +245,9 @@ class HorizonOPDTrainer(DistillationTrainer):
         self._gather_scored_tokens()
         self.horizon_history.append(record.horizon)
         self.horizon_policy.observe(record)
-        self.alarm.observe(record.step, record.horizon, record.kl_sums, record.kl_counts, record.rollouts,
-                           record.repeating)
+        # rolled chunks train every position up to L at each step: the alarm reads them as full-horizon positions
+        reach = self.args.max_completion_length if self.rollout_pool is not None else record.horizon
+        self.alarm.observe(record.step, reach, record.kl_sums, record.kl_counts, record.rollouts, record.repeating)
         self._windows["train"].add(record)
 
     def _gather_scored_tokens(self) -> None:
@@ -253,9 +323,13 @@ class HorizonOPDTrainer(DistillationTrainer):
         num_positions = completion_ids.size(1)  # K: only completion tokens are trained on
         multimodal_inputs = {k: inputs[k] for k in MULTIMODAL_KEYS if k in inputs}
 
-        student_hidden = self._get_last_hidden_state(
-            unwrapped_student, input_ids, attention_mask, num_positions, **multimodal_inputs
-        )  # (B, K, H_s)
+        offsets = inputs.get("completion_offsets")
+        if offsets is not None and self.model.training:  # a rolled chunk: its context runs without grad
+            student_hidden = self._rolled_hidden_state(unwrapped_student, input_ids, attention_mask, num_positions)
+        else:
+            student_hidden = self._get_last_hidden_state(
+                unwrapped_student, input_ids, attention_mask, num_positions, **multimodal_inputs
+            )  # (B, K, H_s)
         student_head = unwrapped_student.get_output_embeddings()
         device = student_head.weight.device
         s_weight, s_bias = vocab_slice(student_head, self.shared_vocab_size)
@@ -284,9 +358,42 @@ class HorizonOPDTrainer(DistillationTrainer):
         per_token, entropy, signal = to_grid(per_token), to_grid(entropy), to_grid(signal)
         if self.args.loss_type == "sequence":  # the reward-to-go runs along each rollout: it needs (B, K)
             per_token = sequence_kl_per_token(to_grid(student_logprobs), to_grid(teacher_logprobs), mask)
-        self._meters["train" if self.model.training else "eval"].add_tokens(per_token, mask, signal)
+        self._meters["train" if self.model.training else "eval"].add_tokens(per_token, mask, signal, offsets)
         loss = masked_token_mean(per_token, mask, num_items_in_batch)
         return loss, (entropy.detach() * mask).sum(), mask.sum()
+
+    def _rolled_hidden_state(self, unwrapped_model, input_ids, attention_mask, num_positions):
+        """The student's last hidden states (B, K, H) that predict the K chunk tokens ending `input_ids`, with the
+        context before them computed without grad.
+
+        The gradient is truncated backprop through the context: the context's keys and values are constants, so the
+        loss trains the weights through the chunk's own positions (and the last context position, which predicts the
+        chunk's first token) only; the forward values equal one full forward's. The context runs once, under no_grad,
+        into a KV cache; the K + 1 last positions run with grad on top of it. Positions and padding follow the full
+        forward's (left-padded context: cache positions count the padding, as TRL's forward does). Gradient
+        checkpointing is paused for the short part: transformers drops a cache passed into a checkpointed layer, and a
+        chunk's activations are small."""
+        if is_peft_model(unwrapped_model):
+            unwrapped_model = unwrapped_model.base_model.model
+        backbone = unwrapped_model.base_model
+        split = input_ids.size(1) - num_positions - 1  # context tokens before its last one
+        if split < 1:
+            return self._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, num_positions)
+        cache = DynamicCache(config=unwrapped_model.config)
+        with torch.no_grad():
+            backbone(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split], cache=cache,
+                     use_cache=True)
+        checkpointed = [m for m in backbone.modules()
+                        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        for module in checkpointed:
+            module.gradient_checkpointing = False
+        try:
+            hidden = backbone(input_ids=input_ids[:, split:], attention_mask=attention_mask, cache=cache,
+                              use_cache=True).last_hidden_state  # (B, K + 1, H)
+        finally:
+            for module in checkpointed:
+                module.gradient_checkpointing = True
+        return hidden[:, :-1, :]  # the last position predicts past the chunk
 
     def _local_teacher_terms(self, student, targets, rows, input_ids, attention_mask, num_positions,
                              multimodal_inputs):

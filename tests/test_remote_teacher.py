@@ -222,10 +222,76 @@ def test_bad_client_arguments(kwargs, match):
         RemoteTeacher(**{"base_url": "http://127.0.0.1:1", **kwargs})
 
 
-def test_health_and_models_endpoints(server):
+def test_health_and_models_endpoints(server, teacher):
     client = RemoteTeacher(server.url + "/v1/")  # a base URL given with /v1 works too
     client.health()
     assert client.base_url == server.url and client.model == "tiny-teacher"
+    # What a trainer checks at construction: the ids the server scores and the longest sequence it takes.
+    assert client.vocab_size == teacher.config.vocab_size and client.max_model_len == 256
+    # A model name the server does not list (e.g. an adapter under another name): its limits are unknown.
+    other = RemoteTeacher(server.url, model="not-listed")
+    assert other.model == "not-listed" and other.vocab_size is None and other.max_model_len is None
+
+
+def test_loopback_models_answer_has_vllm_fields_and_vocab_size(server, teacher, monkeypatch):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/v1/models", timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["object"] == "list"
+    (entry,) = body["data"]
+    assert entry["id"] == entry["root"] == "tiny-teacher" and entry["object"] == "model"
+    assert entry["max_model_len"] == teacher.config.max_position_embeddings == 256  # vLLM's field
+    assert entry["vocab_size"] == teacher.config.vocab_size  # the loopback server's own: the head's rows
+    # Without a vocab_size (as vLLM answers) the client reports it unknown.
+    monkeypatch.setattr(server, "vocab_size", None)
+    with urllib.request.urlopen(f"{server.url}/v1/models", timeout=10) as response:
+        assert "vocab_size" not in json.loads(response.read())["data"][0]
+    client = RemoteTeacher(server.url)
+    assert client.vocab_size is None and client.max_model_len == 256
+
+
+def _stub_trainer(student_vocab, tokenizer, use_vllm):
+    """What `attach_teacher_server` reads of a trainer (a real one cannot be built with use_vllm without vLLM)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    return SimpleNamespace(_tokenizer=tokenizer, model=_tiny_llama(student_vocab), use_vllm=use_vllm,
+                           generation_kwargs={}, generation_config=GenerationConfig(),
+                           args=SimpleNamespace(max_completion_length=16), train_dataset=None, eval_dataset=None)
+
+
+def test_attach_server_suppresses_student_ids_past_the_tokenizer(server, char_tokenizer, monkeypatch):
+    from horizon_opd.remote_teacher import attach_teacher_server
+
+    vocab = len(char_tokenizer)
+    same = _stub_trainer(vocab, char_tokenizer, use_vllm=False)
+    assert attach_teacher_server(same, RemoteTeacher(server.url)) is None and "suppress_tokens" not in \
+        same.generation_kwargs
+    for reported in (vocab, None):  # the loopback server's answer, and vLLM's (no vocab_size)
+        monkeypatch.setattr(server, "vocab_size", reported)
+        padded = _stub_trainer(vocab + 10, char_tokenizer, use_vllm=False)
+        assert attach_teacher_server(padded, RemoteTeacher(server.url)) == vocab
+        assert padded.generation_kwargs["suppress_tokens"] == list(range(vocab, vocab + 10))
+        assert padded.generation_config.suppress_tokens == list(range(vocab, vocab + 10))
+
+
+def test_attach_server_with_vllm_generation_refuses_a_padded_student_the_server_cannot_score(server, char_tokenizer,
+                                                                                             monkeypatch):
+    from horizon_opd.remote_teacher import attach_teacher_server
+
+    vocab = len(char_tokenizer)
+    with pytest.raises(ValueError, match=rf"student's vocab_size {vocab + 10} exceeds the {vocab} ids the teacher "
+                                         rf"server {server.url} scores.*use_vllm=False"):
+        attach_teacher_server(_stub_trainer(vocab + 10, char_tokenizer, use_vllm=True), RemoteTeacher(server.url))
+    # vLLM's /v1/models does not say which ids it scores: warned, not refused, and nothing is suppressed or sliced.
+    monkeypatch.setattr(server, "vocab_size", None)
+    trainer = _stub_trainer(vocab + 10, char_tokenizer, use_vllm=True)
+    with pytest.warns(UserWarning, match=rf"{vocab + 10} rows but the tokenizer {vocab} tokens.*{server.url} does not"):
+        assert attach_teacher_server(trainer, RemoteTeacher(server.url)) is None
+    assert "suppress_tokens" not in trainer.generation_kwargs
 
 
 # ----------------------------------------------------------------------------------------------- TRL seam

@@ -17,6 +17,7 @@ from testing_utils import (
     make_args,
     read_ranks,
     record_generations,
+    tiny_causal_lm,
 )
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
@@ -149,6 +150,55 @@ def test_topk_loss_trains_and_card_names_the_server(tmp_path, student, tokenizer
     assert len(server.received) == 2 * 2 * 2  # steps x micro-batches x ceil(4 / 3) chunks
     section = distillation_section(trainer, None)
     assert f"`tiny-teacher` served at {server.url}" in section and "top-5" in section
+
+
+# ----------------------------------------------------------------------------------------------- vocabulary, length
+@pytest.mark.parametrize("reported", [True, False], ids=["loopback", "vllm-like"])
+def test_padded_student_never_samples_ids_past_the_tokenizer(reported, tmp_path, tokenizer, prompts, server):
+    """A student head padded 25 rows past the tokenizer, biased towards the padding rows: they are suppressed in
+    generation (whether or not the server reports its vocabulary, as vLLM does not), so the server only ever scores
+    tokenizer ids and the steps train; the loss's student softmax is over the same ids it sampled from."""
+    vocab = len(tokenizer)
+    padded_student = tiny_causal_lm(vocab + 25, seed=0)
+    with torch.no_grad():  # make the padding rows the most likely tokens, so an unsuppressed sampler would pick them
+        padded_student.lm_head.weight[vocab:] = 5 * padded_student.lm_head.weight[:vocab].abs().max()
+    torch.manual_seed(0)
+    ids = tokenizer(prompts["prompt"][:8], return_tensors="pt", padding=True)
+    unsuppressed = padded_student.generate(**ids, do_sample=True, max_new_tokens=16, pad_token_id=0)
+    assert (unsuppressed[:, ids["input_ids"].size(1):] >= vocab).any()  # the bias really makes sampling pick them
+    if not reported:
+        server.vocab_size = None  # /v1/models then lists no vocab_size, like vLLM's
+    trainer = _remote_trainer(tmp_path, padded_student, server.url, tokenizer, prompts, max_steps=2)
+    assert trainer.remote_teacher.vocab_size == (vocab if reported else None)
+    assert trainer.shared_vocab_size == vocab
+    assert trainer.generation_kwargs["suppress_tokens"] == list(range(vocab, vocab + 25))
+    records = record_generations(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 2 and all(math.isfinite(v) for v in logged(trainer, "loss"))
+    for record in records:
+        assert record["completion_ids"][record["completion_mask"].bool()].max().item() < vocab
+    sent = [t for request in server.received for sequence in request for t in sequence]
+    assert len(server.received) == 4 and max(sent) < vocab
+
+
+def test_server_vocabulary_smaller_than_the_tokenizer_fails_at_construction(tmp_path, student, tokenizer, prompts):
+    vocab = len(tokenizer)
+    with serve_teacher(tiny_causal_lm(vocab - 5, hidden_size=48, seed=1), port=0) as small:
+        with pytest.raises(ValueError, match=rf"{small.url} .* scores ids below {vocab - 5}.* tokenizer has {vocab}"):
+            _remote_trainer(tmp_path, student, small.url, tokenizer, prompts)
+
+
+def test_server_max_model_len_too_short_fails_at_construction(tmp_path, student, teacher, tokenizer, prompts):
+    teacher.config.max_position_embeddings = 24  # what the loopback server reports as max_model_len
+    longest = max(len(ids) for ids in tokenizer(list(prompts["prompt"]))["input_ids"])
+    needed = longest + 16 + 1
+    with serve_teacher(teacher, tokenizer, port=0) as short:
+        with pytest.raises(ValueError, match=rf"{short.url} .* max_model_len 24, but .* {needed} tokens: the longest "
+                                             rf"prompt \({longest} tokens.* max_completion_length 16 .*"
+                                             rf"--max-model-len {needed}.*max_completion_length <= {24 - longest - 1}"):
+            _remote_trainer(tmp_path, student, short.url, tokenizer, prompts)
+        short.max_length = needed  # exactly enough: accepted
+        _remote_trainer(tmp_path, student, short.url, tokenizer, prompts)
 
 
 # ----------------------------------------------------------------------------------------------- failures
