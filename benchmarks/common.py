@@ -38,6 +38,7 @@ class Preset:
     max_completion_length: int  # L
     prompt_tokens: int  # every prompt has exactly this many tokens (chat markers included)
     dtype: str = "float32"
+    teacher_tied: bool = True  # the teacher's LM head shares the embedding table (Qwen2.5-7B's does not)
 
 
 PRESETS = {
@@ -48,6 +49,10 @@ PRESETS = {
     # `gpu.py`: Qwen2.5-1.5B shapes (student and teacher), random weights, bf16, batch 8; L is set per run.
     "qwen2.5-1.5b": Preset("qwen2.5-1.5b", 151936, (1536, 28, 8960, 12, 2), (1536, 28, 8960, 12, 2), 8, 1024, 64,
                            "bfloat16"),
+    # `gpu.py`'s cost measurements (bench_costs.py): the pair of the GPU cost model (gpu_model.py), Qwen2.5-1.5B and
+    # Qwen2.5-7B shapes (the 7B's 152064-row vocabulary trimmed to the student's, its LM head untied).
+    "qwen2.5-1.5b-7b": Preset("qwen2.5-1.5b-7b", 151936, (1536, 28, 8960, 12, 2), (3584, 28, 18944, 28, 4), 8, 1024,
+                              64, "bfloat16", teacher_tied=False),
     # `gpu.py --tiny`: the GPU script's path on CPU-sized shapes.
     "tiny": Preset("tiny", 512, (64, 2, 128, 2, 1), (96, 2, 192, 2, 1), 2, 16, 12),
 }
@@ -89,8 +94,10 @@ def prompt_texts(preset: Preset, n: int, seed: int = 0) -> list[str]:
     return [" ".join(f"w{rng.randint(0, high)}" for _ in range(n_words)) for _ in range(n)]
 
 
-def build_model(preset: Preset, role: str, seed: int):
-    """A randomly initialised Qwen2 causal LM of the preset's student or teacher shape (tied embeddings, as Qwen2.5)."""
+def build_model(preset: Preset, role: str, seed: int, on_device: bool = False):
+    """A randomly initialised Qwen2 causal LM of the preset's student or teacher shape (tied embeddings, as Qwen2.5,
+    unless the preset unties the teacher's). `on_device`: initialised on the GPU, then cast (a 7B model initialised on
+    the CPU takes minutes); otherwise built on the CPU, then cast and moved."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers, intermediate, heads, kv_heads = getattr(preset, role)
@@ -99,9 +106,15 @@ def build_model(preset: Preset, role: str, seed: int):
         vocab_size=preset.vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max(1024, preset.prompt_tokens + preset.max_completion_length + 8),
-        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=preset.teacher_tied if role == "teacher" else True, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
     )
-    model = Qwen2ForCausalLM(config).to(getattr(torch, preset.dtype))
+    dtype = getattr(torch, preset.dtype)
+    if on_device and torch.cuda.is_available():
+        with torch.device("cuda"):
+            model = Qwen2ForCausalLM(config)
+        return model.to(dtype).eval()
+    model = Qwen2ForCausalLM(config).to(dtype)
     if torch.cuda.is_available():
         model = model.cuda()
     return model.eval()

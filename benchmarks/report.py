@@ -314,6 +314,18 @@ def gpu_markdown(result: dict) -> str:
                      f"{r['tokens']:.0f} | {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['peak_memory_mb']:.0f} |")
     if result["runs"]:
         lines += ["", f"Peak memory: {result['runs'][0]['memory_method']}.", ""]
+    costs = result.get("costs")
+    if costs:
+        lines += ["", f"#### Measured rates ({costs['device']}, preset `{costs['preset']['name']}`)", "",
+                  "| student `generate`, batch | mean context | ms per decode iteration |", "|---|---|---|"]
+        for p in costs["decode"]:
+            lines.append(f"| {p['batch']} | {p['context']:.0f} | {1e3 * p['seconds_per_iteration']:.2f} |")
+        lines += ["", "| pass | tokens | seconds | achieved TFLOP/s |", "|---|---|---|---|"]
+        for kind, m in costs["compute"].items():
+            lines.append(f"| {kind.replace('_', ' ')} | {m['tokens']} | {m['seconds']:.3f} | "
+                         f"{m['flops'] / m['seconds'] / 1e12:.2f} |")
+        lines += ["", "#### The GPU cost model with these rates (gpu_model.py)", "", result.get("model_markdown", ""),
+                  ""]
     if result["errors"]:
         lines += ["Errors: " + "; ".join(result["errors"]), ""]
     return "\n".join(lines)
@@ -335,7 +347,8 @@ def gpu_plot(result: dict, path: str) -> None:
         ax.set_xlabel("full horizon L (tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if result["runs"]:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{result['preset']} — {machine_line(result.get('machine'))}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -2,6 +2,7 @@
 at public seams adds up to TRL's own step timer, the shared memory probe sees what a block allocates, and the CPU row
 blocking of the loss (which the benchmarks motivated) gives exactly what one call of TRL's kernel gives."""
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,8 @@ from horizon_opd.horizon import ratio_to_tokens
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCHMARKS)
+import common  # noqa: E402
+import gpu_model  # noqa: E402  (torch-free)
 import report  # noqa: E402  (torch-free)
 import run  # noqa: E402
 
@@ -113,6 +116,133 @@ def test_cpu_row_blocks_give_one_kernel_call_values_and_gradients():
         torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------------ GPU cost model
+EXACT = gpu_model.Assumptions(bandwidth_efficiency=1.0, mfu=1.0, decode_floor_s=0.0, optimizer_bytes_per_param=0.0)
+H100 = gpu_model.GPUS["H100"]
+
+
+def test_cost_model_rates_match_hand_computed_values():
+    # 1e9 parameters x 2 bytes streamed at 3.35e12 B/s: 0.597 ms, the memory-bound floor of one decode iteration
+    assert gpu_model.weights_read_seconds(1e9, 2, 3.35e12, 1.0) == pytest.approx(0.597e-3, abs=1e-6)
+    assert gpu_model.weights_read_seconds(1e9, 2, 3.35e12, 0.5) == pytest.approx(1.194e-3, abs=1e-6)
+    model = gpu_model.Model("1B", backbone_params=900_000_000, head_params=100_000_000, kv_bytes_per_token=100_000)
+    assert model.params == 10**9 and model.weight_bytes == 2 * 10**9
+    # FLOPs: 2 per parameter per token forward, 6 forward + backward; the head only over its own tokens
+    assert gpu_model.forward_flops(model, 1000, 0) == 2 * 900e6 * 1000
+    assert gpu_model.forward_flops(model, 1000, 10) == 2 * (900e6 * 1000 + 100e6 * 10)
+    assert gpu_model.train_flops(model, 1000, 1000) == 6e12
+    assert gpu_model.compute_seconds(6e12, 989e12, 0.4) == pytest.approx(6e12 / 395.6e12)
+    rates = gpu_model.Rates(H100, EXACT)
+    # one iteration at batch 8, context 1000: (2e9 weight bytes + 8 x 1000 x 1e5 KV bytes) / 3.35e12 = 0.836 ms,
+    # above the batch's compute (8 x 2e9 FLOPs / 989e12 = 16 us)
+    a, b, floor = rates.decode_line(model, 8)
+    assert a + b * 1000 == pytest.approx(2.8e9 / 3.35e12)
+    assert floor == pytest.approx(16e9 / 989e12)
+    assert rates.decode_seconds(model, 8, 1000, 1) == pytest.approx(2.8e9 / 3.35e12)
+    # 10 iterations from context 1000: the mean context is 1004.5
+    assert rates.decode_seconds(model, 8, 1000, 10) == pytest.approx(10 * (2e9 + 8 * 1004.5 * 1e5) / 3.35e12)
+    # a launch-bound floor (transformers' eager generate) hides the memory time under it
+    slow = gpu_model.Rates(H100, dataclasses.replace(EXACT, decode_floor_s=0.02))
+    assert slow.decode_seconds(model, 8, 1000, 10) == pytest.approx(0.2)
+    # compute-bound past a large enough batch: 1024 x 2e9 FLOPs / 989e12 = 2.07 ms > (2e9 + 1024 x 1e3 x 1e5) B
+    a, b, floor = rates.decode_line(model, 1024)
+    assert floor == pytest.approx(1024 * 2e9 / 989e12) and floor > a + b * 10
+
+
+def test_decode_sum_is_the_sum_of_its_terms():
+    for a, b, floor, start, n in [(1.0, 0.5, 0.0, 0, 7), (1.0, 0.5, 3.0, 0, 9), (1.0, 0.5, 3.0, 2, 9),
+                                  (0.2, 0.1, 5.0, 3, 40), (2.0, 0.0, 1.0, 5, 4), (0.0, 0.0, 1.0, 5, 4),
+                                  (1e-3, 1e-7, 2e-3, 256, 1024), (1.0, 0.5, 3.0, 0, 0)]:
+        brute = sum(max(a + b * (start + i), floor) for i in range(n))
+        assert gpu_model.decode_sum(a, b, floor, start, n) == pytest.approx(brute, rel=1e-12, abs=1e-12)
+
+
+def test_cost_model_counts_what_each_method_processes():
+    # OPD/TOPD-like step: 2 rollouts, 10 prompt tokens, 5 generated
+    s = gpu_model.standard_step(2, 10, 5)
+    assert (s.decode_iterations, s.decode_start_context, s.generated_tokens, s.trained_positions) == (5, 10, 10, 10)
+    assert (s.prefill_tokens, s.student_context_tokens, s.student_train_tokens, s.teacher_tokens) == (20, 0, 30, 30)
+    # rolling, L = 10, rho = 0.3: chunks of 3 at depths 0, 3, 6, 9 (the last one 1 token)
+    cycle = gpu_model.rolling_cycle(1, 10, 10, 0.3)
+    assert [c.decode_iterations for c in cycle] == [3, 3, 3, 1]
+    assert [c.decode_start_context for c in cycle] == [10, 13, 16, 19]
+    assert [c.prefill_tokens for c in cycle] == [10, 13, 16, 19]  # context re-encoded for generation ...
+    assert [c.student_context_tokens for c in cycle] == [10, 13, 16, 19]  # ... and for the loss, without gradients
+    assert [c.student_train_tokens for c in cycle] == [3, 3, 3, 1]  # gradients through the chunk only
+    assert [c.teacher_tokens for c in cycle] == [13, 16, 19, 20]  # the teacher over context + chunk
+    assert sum(c.trained_positions for c in cycle) == 10  # every position trained once per rollout
+    cached = gpu_model.rolling_cycle(1, 10, 10, 0.3, cached=True)
+    assert [c.teacher_tokens for c in cached] == [13, 3, 3, 1] and all(c.student_context_tokens == 0 for c in cached)
+    # one step's seconds, term by term, at exact rates (efficiency 1, MFU 1) and a KV-free model
+    model = gpu_model.Model("m", backbone_params=900_000_000, head_params=100_000_000, kv_bytes_per_token=0)
+    seconds = gpu_model.step_seconds(s, model, model, gpu_model.Rates(H100, EXACT))
+    assert seconds["decode"] == pytest.approx(5 * 2e9 / 3.35e12)
+    assert seconds["prefill"] == pytest.approx(2 * 900e6 * 20 / 989e12)
+    assert seconds["student_context"] == 0
+    assert seconds["student_train"] == pytest.approx(6 * (900e6 * 30 + 100e6 * 10) / 989e12)
+    assert seconds["teacher"] == pytest.approx(2 * (900e6 * 30 + 100e6 * 10) / 989e12)
+    assert seconds["step"] == pytest.approx(sum(v for k, v in seconds.items() if k != "step"))
+
+
+def test_cost_model_methods_follow_the_library_horizons():
+    rows = {m.name: m for m in gpu_model.methods(batch=4, prompt=32, length=1024, rho=0.1, steps=100)}
+    assert {s.decode_iterations for s in rows["OPD"].shapes} == {1024}
+    assert {s.decode_iterations for s in rows["TOPD rho=0.1"].shapes} == {ratio_to_tokens(0.1, 1024)} == {103}
+    anchored = [s.decode_iterations for s in rows["Anchored rho=0.1 every 10"].shapes]
+    assert sum(anchored) == 10 * 1024 + 90 * 103
+    popd = [s.decode_iterations for s in rows["POPD linear 0.1->1"].shapes]
+    assert popd[0] == 103 and popd[-1] == 1024 and popd == sorted(popd)
+    rolling = rows["Rolling rho=0.1"].shapes  # 10 chunks: 9 of 103, the last of 97; mean depth 4.5 x 103
+    assert [s.decode_iterations for s in rolling] == [103] * 9 + [97]
+    assert sum(s.decode_start_context - 32 for s in rolling) / len(rolling) == pytest.approx(4.5 * 103)
+    if os.path.exists(gpu_model.DEMO_RESULTS):  # the adaptive schedule is the demo's, measured
+        adaptive = [s.decode_iterations for s in rows["Adaptive 0.1-1"].shapes]
+        assert set(adaptive) >= {103, 1024}
+
+
+def test_cost_model_reads_measured_rates():
+    model = gpu_model.Model("m", backbone_params=900_000_000, head_params=100_000_000, kv_bytes_per_token=0)
+    measured = {"device": "NVIDIA H200", "decode": [
+        {"batch": 1, "context": 200, "seconds_per_iteration": 0.020},
+        {"batch": 65, "context": 200, "seconds_per_iteration": 0.030}],
+        "compute": {"teacher_forward": {"flops": 4e14, "seconds": 1.0}}}
+    rates = gpu_model.Rates(gpu_model.gpu_for(measured["device"]), EXACT, measured)
+    assert rates.gpu.name == "H200 SXM"
+    assert rates.decode_seconds(model, 33, 200, 10) == pytest.approx(10 * 0.025)  # interpolated in batch
+    assert rates.decode_seconds(model, 129, 200, 1) == pytest.approx(0.040)  # extrapolated
+    assert rates.flops_seconds(8e14, "teacher_forward") == pytest.approx(2.0)  # 400 TFLOP/s measured
+    assert rates.flops_seconds(989e12, "student_forward") == pytest.approx(1.0)  # not measured: peak x MFU (1 here)
+    assert "measured" in rates.sources()["decode"] and "assumed" in rates.sources()["student_forward"]
+
+
+def test_cost_model_tables_and_its_checks():
+    # The Qwen2.5 shapes' totals (the model cards' 1.54B and 7.61B): 1.5B tied, 7B with an untied input embedding
+    assert gpu_model.STUDENT.params == 1_543_714_304
+    assert gpu_model.TEACHER.params + gpu_model.TEACHER.head_params == 7_615_616_512
+    text, payload = gpu_model.report(gpu_model.Scenario())
+    for piece in ("| OPD |", "| TOPD rho=0.1 |", "| Rolling rho=0.1 |", "ESR", "assumed"):
+        assert piece in text
+    for rows in payload["columns"].values():
+        by = {r["method"]: r for r in rows}
+        assert by["TOPD rho=0.1"]["step"] < by["Rolling rho=0.1"]["step"] < by["OPD"]["step"]
+        assert by["Rolling rho=0.1"]["decode_iterations"] <= by["TOPD rho=0.1"]["decode_iterations"] == 103
+    # the model's step cost is about linear in the horizon: it cannot produce ESR's 24x for 10x the tokens
+    assert all(r["ratio"] < 13 for r in payload["esr"])
+    if "cpu_check" in payload:  # measured: on the CPU, step time follows tokens (TOPD 0.1: 0.102 of full's)
+        truncated = next(r for r in payload["cpu_check"] if r["config"] == "truncated_0.1")
+        assert truncated["step"] == pytest.approx(truncated["tokens"], abs=0.02)
+
+
+def test_gpu_script_without_cuda_says_so_in_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    completed = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "gpu.py")], cwd=ROOT, env=_child_env(),
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().count("\n") == 0 and "no CUDA device" in completed.stderr
+    assert completed.stdout == ""
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_quick_run_measures_every_configuration_and_writes_the_results(tmp_path):
@@ -165,3 +295,17 @@ def test_gpu_script_runs_its_cpu_path_on_tiny_shapes(tmp_path):
     assert runs[("truncated_0.1", 16)]["horizon_tokens"] == 2 and runs[("full", 16)]["horizon_tokens"] == 16
     assert all(r["step_s"] > 0 and r["peak_memory_mb"] > 0 for r in result["runs"])
     assert (tmp_path / "gpu_tiny.md").exists() and (tmp_path / "gpu_tiny.png").exists()
+    # the cost model's rates, measured, and its tables recomputed with them
+    costs = result["costs"]
+    assert [p["batch"] for p in costs["decode"]] == [1, 2]
+    assert all(p["seconds_per_iteration"] > 0 for p in costs["decode"])
+    assert set(costs["compute"]) == {"student_forward", "student_train", "teacher_forward"}
+    assert all(m["seconds"] > 0 and m["flops"] > 0 for m in costs["compute"].values())
+    tiny = common.PRESETS["tiny"]
+    for role in ("student", "teacher"):  # the split bench_costs reads off the models is the one gpu_model computes
+        expected = gpu_model.qwen2_model(role, tiny.vocab_size, *getattr(tiny, role), dtype_bytes=4)
+        assert costs["models"][role]["backbone_params"] == expected.backbone_params
+        assert costs["models"][role]["head_params"] == expected.head_params
+        assert costs["models"][role]["kv_bytes_per_token"] == expected.kv_bytes_per_token
+    assert "measured" in result["model_markdown"] and "| OPD |" in result["model_markdown"]
+    assert "Measured rates" in (tmp_path / "gpu_tiny.md").read_text()

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import logged, make_args, record_generations
+from testing_utils import logged, logged_in, make_args, record_generations
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
 from horizon_opd.rollout import RolloutPool
@@ -163,3 +163,45 @@ def test_bad_rolling_settings_fail_at_construction(settings, message, tmp_path):
     with pytest.raises(ValueError) as error:
         HorizonOPDConfig(output_dir=str(tmp_path), bf16=False, **settings)
     assert message in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------- two ranks, ZeRO-3
+@pytest.fixture(scope="module")
+def launch_assets(tmp_path_factory, tokenizer):
+    from testing_utils import save_launch_assets
+
+    root = save_launch_assets(tmp_path_factory.mktemp("rolling_ds"), len(tokenizer))
+    # 64 prompts: 8 steps per epoch at 2 ranks x 4 slots, so a resume at step 2 stays in the first epoch
+    Dataset.from_dict({"prompt": [f"{i} + {i + 1} =" for i in range(64)]}).save_to_disk(root / "prompts64")
+    return root
+
+
+@pytest.mark.slow
+def test_zero3_rolling_ranks_hold_rollouts_at_different_depths_and_resume_exactly(launch_assets):
+    from testing_utils import launch_training
+
+    args = dict(max_steps=4, save_steps=2, horizon="rolling", truncation_ratio=0.25)  # L = 8: chunks of 2
+    common = dict(args=args, eos_rank=1, dataset=str(launch_assets / "prompts64"))
+    first = launch_training(launch_assets, "zero3_rolling", "zero3", "student", "teacher", **common)
+    deep, stopping = first  # rank 0 samples freely; rank 1's rollouts all stop at their first token (EOS)
+    for rank in first:
+        assert rank["zero_stage"] == 3 and rank["global_step"] == 4 and rank["teacher_head_partitioned"]
+        assert [len(g["completion_offsets"]) for g in rank["generations"]] == [4] * 4  # 2 prompts x 2 micro-batches
+    assert all(g["completion_offsets"] == [0, 0, 0, 0] for g in stopping["generations"])
+    assert sorted(deep["generations"][0]["completion_offsets"]) == [0, 2, 4, 6]  # seeded depths from step 0
+    assert len({o for g in deep["generations"] for o in g["completion_offsets"]}) > 1
+    # the step waits for the slower rank: step 0 also decodes rank 0's seed prefixes (6 tokens), then a chunk per step
+    steps = [e for e in deep["log_history"] if "loss" in e]
+    assert [e["horizon/step_decode_iterations"] for e in steps] == [8.0, 2.0, 2.0, 2.0]
+    assert [e["horizon/step_decode_iterations"] for e in stopping["log_history"] if "loss" in e] == \
+        [8.0, 2.0, 2.0, 2.0]
+
+    checkpoint = launch_assets / "zero3_rolling" / "out" / "checkpoint-2"
+    assert (checkpoint / "rollout_pool_0.json").is_file() and (checkpoint / "rollout_pool_1.json").is_file()
+    resumed = launch_training(launch_assets, "zero3_rolling_resume", "zero3", "student", "teacher",
+                              resume_from=str(checkpoint), **common)
+    for before, after in zip(first, resumed, strict=True):
+        assert [g["step"] for g in after["generations"]] == [2, 3]
+        for a, b in zip(before["generations"][2:], after["generations"], strict=True):
+            assert (a["completion_offsets"], a["completion_ids"]) == (b["completion_offsets"], b["completion_ids"])
+        assert logged_in(after, "loss")[2:] == pytest.approx(logged_in(before, "loss")[2:], abs=1e-5)

@@ -14,6 +14,10 @@ its log history and final step, so the test can compare ranks. Settings (all JSO
   lora: LoraConfig kwargs; the student trains an adapter (peft_config)
   record_weights: record which student and teacher parameters changed in training (full values, gathered under
                   ZeRO-3) and the trained student's logits on a fixed input, for the LoRA checks
+  suppress_past_tokenizer: never sample ids past the tokenizer, also when both heads are larger than it (models whose
+                           vocab_size is set for their size, not for the tokenizer)
+  report_partitioning: record how ZeRO-3 holds the student's and teacher's lm_head and embedding weights after
+                       training (full and local numel, persistence), to check that they really are partitioned
   runs: a list of settings, each overriding the ones above, trained one after the other in the same processes (one
         launch for several runs); run i writes to <output_dir>/<name>, <result_dir>/<name>
 """
@@ -47,6 +51,15 @@ def _full_values(model) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone().float() for name, p in params.items()}
 
 
+def _zero3_holding(weight: torch.Tensor) -> dict:
+    """How ZeRO-3 holds `weight` on this rank: its full numel, the numel of this rank's shard, whether DeepSpeed keeps
+    it whole (persistent: below `stage3_param_persistence_threshold`, never partitioned) and what it holds now."""
+    if not hasattr(weight, "ds_id"):
+        return {"zero3": False, "numel": weight.numel()}
+    return {"zero3": True, "full_numel": weight.ds_numel, "shard_numel": weight.ds_tensor.numel(),
+            "persistent": bool(weight.ds_persist), "held_numel": weight.numel(), "shape": list(weight.ds_shape)}
+
+
 def train_once(settings: dict, tokenizer, dataset) -> None:
     args = HorizonOPDConfig(output_dir=settings["output_dir"], **settings["args"])
     rank = args.process_index
@@ -74,7 +87,7 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
         suppress += [i for i in range(len(tokenizer)) if i != tokenizer.eos_token_id]
     if settings.get("horizon_rank") == rank:
         suppress.append(tokenizer.eos_token_id)
-    if trainer.shared_vocab_size is not None:
+    if trainer.shared_vocab_size is not None or settings.get("suppress_past_tokenizer"):
         # a padded student could sample ids past the tokenizer, which the teacher cannot embed
         suppress += list(range(len(tokenizer), trainer.model.config.vocab_size))
     trainer.generation_config.suppress_tokens = suppress or None
@@ -88,6 +101,9 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
             "step": trainer.state.global_step,
             "horizon": trainer.current_horizon(),
             "completion_lengths": batch["completion_mask"].sum(1).tolist(),
+            # rolling rollouts: where each chunk starts in its rollout, and the chunks themselves (resume checks)
+            "completion_offsets": batch["completion_offsets"].tolist() if "completion_offsets" in batch else None,
+            "completion_ids": batch["completion_ids"].tolist(),
         })
         return batch
 
@@ -107,6 +123,13 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
         policy_decisions=[d["ratio"] for d in getattr(trainer.horizon_policy, "decisions", [])],
         teacher_head_partitioned=hasattr(teacher_head, "ds_shape") and teacher_head.numel() == 0,
     )
+    if settings.get("report_partitioning"):
+        result["partitioning"] = {
+            f"{role}.{name}": _zero3_holding(getattr(model, getter)().weight)
+            for role, model in (("student", trainer.accelerator.unwrap_model(trainer.model)),
+                                ("teacher", trainer.accelerator.unwrap_model(trainer.teacher_model)))
+            for name, getter in (("lm_head", "get_output_embeddings"), ("embed_tokens", "get_input_embeddings"))
+        }
     result["distributed_type"] = trainer.accelerator.distributed_type.value
     result["fsdp_version"] = trainer.accelerator.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None
     result["student_head_type"] = type(trainer.model.get_output_embeddings().weight).__name__  # DTensor under FSDP2
