@@ -9,7 +9,10 @@ replaces no method or function of the trainers:
 
 - `generation` (the rollout): from `on_step_begin` to the first forward of the training pass (the student with
   gradients on, or the teacher): collating, tokenising, `generate`, masking and padding — what TRL's
-  `_prepare_inputs` covers (GKD: its `generate_on_policy_outputs`);
+  `_prepare_inputs` covers (GKD: its `generate_on_policy_outputs`). For HorizonOPDTrainer it ends where
+  `_generate_and_score_completions` returns (the one method the timer wraps, to read the clock only);
+- `student_context`: from there to the training pass: for rolling rollouts, the student's no-grad forward over each
+  chunk's context (prompt + earlier chunks); about zero otherwise;
 - `teacher_forward`, `student_forward`: forward hooks on the two backbones (`model.base_model`, as TRL calls them;
   for GKD the whole models, because `GKDTrainer` calls them with their LM heads);
 - `loss`: the divergence, forward and backward: from the end of the last backbone forward until the gradient reaches
@@ -49,6 +52,9 @@ CONFIGS = {
     "truncated_0.1": {"trainer": "horizon", "horizon": "truncated", "truncation_ratio": 0.1},
     "truncated_0.25": {"trainer": "horizon", "horizon": "truncated", "truncation_ratio": 0.25},
     "truncated_0.5": {"trainer": "horizon", "horizon": "truncated", "truncation_ratio": 0.5},
+    # Rolling rollouts: each measured step continues the pool's rollouts by one chunk of ceil(0.1 L) tokens (the
+    # warm-up step seeds the pool at staggered depths), so the context re-encoded each step is a mix of depths.
+    "rolling_0.1": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1},
     # Stages [0.1, 0.25, 0.5, 1.0] x L starting at [0, 25, 50, 75] % of max_steps; the last stage is reached by
     # starting at global step 75 of 100, as a resumed run would.
     "progressive_first": {"trainer": "horizon", "horizon": "progressive", "progressive_schedule": "stages",
@@ -57,7 +63,8 @@ CONFIGS = {
                          "start_fraction": 0.75},
 }
 MAX_STEPS = 100  # the schedule's length; training is stopped after the measured steps
-SEGMENTS = ("generation", "teacher_forward", "student_forward", "loss", "student_backward", "optimizer")
+SEGMENTS = ("generation", "student_context", "teacher_forward", "student_forward", "loss", "student_backward",
+            "optimizer")
 
 
 class StepTimer(TrainerCallback):
@@ -83,6 +90,17 @@ class StepTimer(TrainerCallback):
         self.parameters = [p for p in student.parameters() if p.requires_grad]
         for parameter in self.parameters:
             parameter.register_post_accumulate_grad_hook(self._gradient_accumulated)
+        if kind == "horizon":  # the end of the rollout, which a rolling step's no-grad context forward follows
+            generate_and_score = trainer._generate_and_score_completions
+
+            def timed(inputs):
+                batch = generate_and_score(inputs)
+                if self.step is not None:
+                    self.step["generation_end"] = now()
+                return batch
+
+            trainer._generate_and_score_completions = timed
+            self.cost = dict(trainer.cost.state_dict())
 
     # ------------------------------------------------------------------------------------------- callbacks
     def on_train_begin(self, args, state, control, **kwargs):
@@ -91,17 +109,19 @@ class StepTimer(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.step = {"begin": now(), "tokens": 0, "student_forward": 0.0, "teacher_forward": 0.0,
                      "training_start": None, "forward_end": None, "open": {}, "loss_done": None, "gradients": 0,
-                     "backward_end": None}
+                     "backward_end": None, "generation_end": None}
 
     def on_step_end(self, args, state, control, **kwargs):
         end, s = now(), self.step
         backward_end = s["backward_end"]
+        generation_end = s["generation_end"] or s["training_start"]
         record = {
             "global_step": state.global_step,
             "horizon": self._horizon(args),
             "tokens": s["tokens"],
             "step": end - self.last_end,
-            "generation": _span(s["begin"], s["training_start"]),
+            "generation": _span(s["begin"], generation_end),
+            "student_context": _span(generation_end, s["training_start"]),
             "teacher_forward": s["teacher_forward"],
             "student_forward": s["student_forward"],
             "loss": _span(s["forward_end"], s["loss_done"]),
@@ -109,6 +129,11 @@ class StepTimer(TrainerCallback):
             "optimizer": _span(backward_end, end),
         }
         record["overhead"] = record["step"] - sum(record[k] for k in SEGMENTS)
+        if self.kind == "horizon":  # the trainer's own cost ledger: exact for rolled chunks, whose context the
+            cost = self.trainer.cost.state_dict()  # attention-mask count below would take for generated tokens
+            record["tokens"] = cost["generated_tokens"] - self.cost["generated_tokens"]
+            record["decode_iterations"] = cost["decode_iterations"] - self.cost["decode_iterations"]
+            self.cost = cost
         self.records.append(record)
         self.step = None
         self.last_end = now()
@@ -248,6 +273,8 @@ def run_config(name: str, preset, tokenizer, warmup: int, steps: int) -> dict:
         record["training_step"] = trl_step_time.get(record["global_step"], math.nan)
     measured = records[warmup:]
     keys = ("step", *SEGMENTS, "overhead", "tokens", "training_step")  # training_step: NaN for GKD (no metric)
+    if all("decode_iterations" in r for r in measured):  # HorizonOPDTrainer's cost ledger
+        keys += ("decode_iterations",)
     result = {
         "config": name,
         "trainer": {"trl": "trl.DistillationTrainer", "gkd": "trl.experimental.gkd.GKDTrainer",

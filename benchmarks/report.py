@@ -42,12 +42,14 @@ BAR_TARGETS = {  # name: (comparison, threshold)
     "loss_memory_vs_trl_chunked_152k_2048": ("<=", 1.0),
     "overhead_fraction": ("<=", 0.10),
 }
-HORIZON_CONFIGS = ("full", "truncated_0.1", "truncated_0.25", "truncated_0.5", "progressive_first", "progressive_last")
+HORIZON_CONFIGS = ("full", "truncated_0.1", "truncated_0.25", "truncated_0.5", "progressive_first", "progressive_last",
+                   "rolling_0.1")
 LABELS = {"trl_distillation": "TRL DistillationTrainer", "gkd": "TRL GKDTrainer", "full": "Horizon full",
           "truncated_0.1": "Horizon truncated 0.1", "truncated_0.25": "Horizon truncated 0.25",
           "truncated_0.5": "Horizon truncated 0.5", "progressive_first": "Horizon progressive (first stage)",
-          "progressive_last": "Horizon progressive (last stage)"}
-SEGMENTS = ("generation", "teacher_forward", "student_forward", "loss", "student_backward", "optimizer", "overhead")
+          "progressive_last": "Horizon progressive (last stage)", "rolling_0.1": "Horizon rolling 0.1"}
+SEGMENTS = ("generation", "student_context", "teacher_forward", "student_forward", "loss", "student_backward",
+            "optimizer", "overhead")
 # Schema 1 (before the seams) timed the loss forward and backward apart, and the rollout as the generation call only.
 SCHEMA = 2
 
@@ -180,8 +182,9 @@ def markdown(result: dict) -> str:
     if steps:
         trl = steps.get("trl_distillation")
         lines += ["| configuration | horizon | tokens/step | step (s) | vs TRL | peak mem (MB) | vs TRL | "
-                  "rollout | teacher fwd | student fwd | loss fwd+bwd | student bwd | optimizer | overhead |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "rollout | student context (no grad) | teacher fwd | student fwd | loss fwd+bwd | student bwd | "
+                  "optimizer | overhead |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for config, r in steps.items():
             m = r["median"]
             cells = [LABELS.get(config, config), str(r["horizon_tokens"]), _f(m["tokens"], 0), _f(m["step"]),

@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 import report  # noqa: E402  (torch-free)
 
 STEP_CONFIGS = ["trl_distillation", "gkd", "full", "truncated_0.1", "truncated_0.25", "truncated_0.5",
-                "progressive_first", "progressive_last"]
+                "progressive_first", "progressive_last", "rolling_0.1"]
 LOSS_IMPLS = ["horizon", "trl_chunked", "gkd"]
 
 FULL = {
@@ -51,7 +51,8 @@ QUICK = {
     "isolate": False,  # one process for all step configurations, one for all losses (peaks via VmHWM resets)
 }
 HORIZON_RATIOS = {"full": 1.0, "truncated_0.1": 0.1, "truncated_0.25": 0.25, "truncated_0.5": 0.5,
-                  "progressive_first": 0.1, "progressive_last": 1.0, "trl_distillation": 1.0, "gkd": 1.0}
+                  "progressive_first": 0.1, "progressive_last": 1.0, "trl_distillation": 1.0, "gkd": 1.0,
+                  "rolling_0.1": 0.1}
 PRESET_L = {"cpu": 512, "quick": 32}
 
 

@@ -14,10 +14,21 @@ from .horizon import StepRecord, bin_means
 
 # The alarm watches this last share of positions of full-horizon rollouts: where truncated training never reaches.
 LATE_FRACTION = 0.25
-# The alarm smooths the late KL over its full-horizon observations (one step's late tokens are few and spiky), and
-# ignores rises while the smoothed value stays below this share of its first value.
-ALARM_SMOOTHING = 0.5
+# The collapse alarm (`CollapseAlarm`) reads full-horizon observations only and keeps one baseline per source (training
+# steps at the full horizon; evaluation): the first ALARM_SETTLE readings of a source, and all its readings in the
+# first ALARM_SETTLE_STEPS steps from its first one, only set its baseline.
+ALARM_SETTLE = 3
+ALARM_SETTLE_STEPS = 10
+# A condition must hold on this many consecutive readings to fire (a one-off spike never does).
+ALARM_PERSISTENCE = 2
+# A late KL at or below max(ALARM_MIN_KL nats per token, ALARM_FLOOR x the run's first late KL) never fires, whatever its
+# ratio to its best: a solved late region's KL jumps 10x between steps on healthy runs.
+ALARM_MIN_KL = 0.1
 ALARM_FLOOR = 0.5
+# A reading pools a source's consecutive full-horizon observations until they hold this many late tokens (late KL) or
+# this many rollouts (loops): one step's few late tokens or rollouts cannot tell drift from noise.
+ALARM_MIN_TOKENS = 32
+ALARM_MIN_ROLLOUTS = 16
 # A rollout "ends in a loop" when its last max(3p, LOOP_MIN_SPAN) tokens repeat a unit of p <= LOOP_MAX_PERIOD tokens.
 LOOP_MIN_SPAN = 24
 LOOP_MAX_PERIOD = 16
@@ -207,73 +218,189 @@ def late_mean(sums: list[float], counts: list[float], length: int) -> float | No
 
 
 class CollapseAlarm:
-    """Watches for truncation collapse, in every horizon mode. It fires when
+    """Watches for collapse in every horizon mode, on full-horizon observations only: training steps that reach the
+    full horizon L (full steps, anchors, probes, rolling steps) and evaluation.
 
-    - the reverse KL of the late positions of full-horizon rollouts (full steps, anchor and probe steps, evaluation),
-      smoothed over those observations (EMA, ALARM_SMOOTHING), exceeds `factor` x the lowest value it has had and is
-      back above ALARM_FLOOR of its first value (so a late KL that is already near zero can jitter without firing), or
-    - more than `repetition` of a step's rollouts end in a loop, when at first fewer than half that share did,
+    Each source (training, evaluation: different rollouts, different measurements) keeps its own baseline, started at
+    its first full-horizon observation, so a progressive or adaptive run is not compared with a baseline from before
+    its horizon reached L. A source's observations are read in *readings*: one observation, or consecutive ones pooled
+    until they hold `min_tokens` late tokens (late KL) or `min_rollouts` rollouts (loops), so a step with a handful of
+    late tokens (a rolled chunk that happens to reach them, a small batch) is not read alone. A source's first `settle`
+    readings, over at least `settle_steps` steps, only set its baseline. A reading is *high* when
 
-    and warns once, naming what rose and the remedy. `active` is whether the last observation met a condition."""
+    - its late KL (the reverse KL of the last LATE_FRACTION of positions) is above `factor` x the best its source has
+      had and above max(`min_kl`, `floor` x the run's first late KL): a late KL near zero jitters 10x between steps on
+      healthy runs; or
+    - more than `repetition` of its rollouts end in a loop, and at least `repetition` / 2 more than over its source's
+      first readings: a student that loops before training is not drifting;
 
-    def __init__(self, max_completion_length: int, factor: float, repetition: float, horizon_name: str):
+    and the alarm fires when `persistence` consecutive readings (whatever their source) are high on the same
+    condition. It warns once, saying what it saw and the remedy for the horizon mode `horizon_name`. `active` is whether
+    the last full-horizon observation fired it; `events` lists every firing; `trace` keeps every observation raw, which
+    `horizon_opd.alarm_study` replays through this class and a resumed run replays to rebuild the rule's state."""
+
+    RULES = ("late", "loops")
+
+    def __init__(self, max_completion_length: int, factor: float, repetition: float, horizon_name: str, *,
+                 settle: int = ALARM_SETTLE, persistence: int = ALARM_PERSISTENCE, min_kl: float = ALARM_MIN_KL,
+                 floor: float = ALARM_FLOOR, min_tokens: int = ALARM_MIN_TOKENS,
+                 min_rollouts: int = ALARM_MIN_ROLLOUTS, settle_steps: int = ALARM_SETTLE_STEPS):
         self.length, self.factor, self.repetition, self.horizon_name = max_completion_length, factor, repetition, \
             horizon_name
-        self.late: float | None = None  # smoothed late-position KL
-        self.first_late: float | None = None
-        self.best_late: tuple[float, int] | None = None  # (lowest smoothed value, step)
-        self.lowest_repeating: float | None = None
+        self.settle, self.settle_steps, self.persistence, self.min_kl, self.floor = settle, settle_steps, persistence, \
+            min_kl, floor
+        self.min_tokens, self.min_rollouts = min_tokens, min_rollouts
         self.active = False
         self.warned = False
         self.events: list[dict] = []
+        self.trace: list[dict] = []  # every observation, raw
+        self._reset_rule()
+
+    def _reset_rule(self) -> None:
+        self.first_late: tuple[float, int] | None = None  # the run's first late-KL reading and its step
+        self.training_reach = 0  # the furthest position a training step reached
+        self.sources: dict[str, dict] = {}  # per source: what is pooled so far, its readings, its baselines
+        self.streaks: dict[str, list[dict]] = {rule: [] for rule in self.RULES}  # high readings in a row, per rule
 
     def observe(self, step: int, horizon: int, kl_sums, kl_counts, rollouts: int = 0, repeating: int = 0,
                 source: str = "training") -> bool:
-        reasons = []
-        late = late_mean(kl_sums, kl_counts, self.length) if horizon >= self.length else None
+        """One step's (or one evaluation's) per-position KL sums and counts and its rollout counts; `horizon` is how
+        far its rollouts reached (L for evaluation). Returns `active`."""
+        late = tokens = None
+        if horizon >= self.length:
+            late = late_mean(kl_sums, kl_counts, self.length)
+            tokens = int(round(sum(kl_counts[math.ceil(self.length * (1 - LATE_FRACTION)):self.length])))
+        return self.observe_values(step, horizon, late, rollouts, repeating, source, late_tokens=tokens)
+
+    def observe_values(self, step: int, horizon: int, late: float | None, rollouts: int = 0, repeating: int = 0,
+                       source: str = "training", late_tokens: int | None = None) -> bool:
+        """`observe` once the late KL is measured (None when the horizon < L or no rollout reached the late
+        positions), with its token count (None: unknown, read as enough): what a replay of `trace` calls."""
+        self.trace.append({"step": step, "source": source, "horizon": horizon, "late": late, "late_tokens": late_tokens,
+                           "rollouts": rollouts, "repeating": repeating})
+        if source == "training":
+            self.training_reach = max(self.training_reach, horizon)
+        if horizon < self.length or (late is None and not rollouts):
+            return self.active  # no view of the late positions or of whole rollouts
+        state = self.sources.setdefault(source, {
+            "first_step": step, "late": [0.0, 0], "late_readings": 0, "best": None,
+            "loops": [0, 0], "loop_readings": 0, "loop_baseline": [0, 0]})
+        readings = []  # per rule read: "" (not high enough to fire) or what fired it
         if late is not None:
-            self.late = late if self.late is None else ALARM_SMOOTHING * late + (1 - ALARM_SMOOTHING) * self.late
-            if self.first_late is None:
-                self.first_late = self.late
-            # the sampled estimators' per-token values can be negative: a ratio to a best <= 0 means nothing
-            if (self.best_late is not None and self.best_late[0] > 0 and self.late > self.factor * self.best_late[0]
-                    and self.late > ALARM_FLOOR * self.first_late):
-                reasons.append(
-                    f"the reverse KL of the last {LATE_FRACTION:.0%} of positions at the full horizon ({source}, "
-                    f"smoothed) rose to {self.late:.3g} nats, {self.late / self.best_late[0]:.1f}x its best "
-                    f"({self.best_late[0]:.3g} at step {self.best_late[1]}; {self.first_late:.3g} at the start)")
-            if self.best_late is None or self.late < self.best_late[0]:
-                self.best_late = (self.late, step)
+            readings.append(self._late_rule(state, step, late, late_tokens, source))
         if rollouts:
-            share = repeating / rollouts
-            if (share > self.repetition and self.lowest_repeating is not None
-                    and self.lowest_repeating < self.repetition / 2):
-                reasons.append(f"{share:.0%} of the rollouts end in a repeated loop (at most "
-                               f"{self.lowest_repeating:.0%} earlier)")
-            self.lowest_repeating = share if self.lowest_repeating is None else min(self.lowest_repeating, share)
-        if late is None and not rollouts:
-            return self.active
+            readings.append(self._loop_rule(state, step, rollouts, repeating, source))
+        readings = [r for r in readings if r is not None]
+        if not readings:
+            return self.active  # pooled, not read yet
+        reasons = [r for r in readings if r]
         self.active = bool(reasons)
         if reasons:
             self.events.append({"step": step, "source": source, "reasons": reasons})
             if not self.warned:
                 self.warned = True
-                remedy = ("use horizon='anchored' (a full-horizon step every anchor_every steps) or horizon='adaptive'"
-                          if self.horizon_name in ("truncated", "progressive") else
-                          "lower the learning rate, or make full-horizon steps more frequent (anchor_every / "
-                          "adaptive_probe_every)")
-                warnings.warn(f"horizon/alarm at step {step}: {'; and '.join(reasons)}. The late positions are "
-                              f"drifting (truncation collapse): {remedy}.", stacklevel=2)
+                warnings.warn(f"horizon/alarm at step {step} (horizon={self.horizon_name!r}): "
+                              f"{'; and '.join(reasons)}. {self.remedy()}.", stacklevel=3)
         return self.active
 
+    def _late_rule(self, state: dict, step: int, late: float, tokens: int | None, source: str) -> str | None:
+        """None: pooled, no reading yet; "": read, no alarm; else what fired."""
+        pooled = state["late"]
+        if tokens is None:  # a trace written before token counts were kept: one observation, one reading
+            pooled[:] = [late, 1]
+        else:
+            pooled[0] += late * tokens
+            pooled[1] += tokens
+            if pooled[1] < self.min_tokens:
+                return None  # too few late tokens yet to read
+        reading = pooled[0] / pooled[1]
+        pooled[:] = [0.0, 0]
+        if self.first_late is None:
+            self.first_late = (reading, step)
+        floor = max(self.min_kl, self.floor * self.first_late[0])
+        best = state["best"]
+        state["late_readings"] += 1
+        high = (self._settled(state, "late_readings", step) and best is not None and reading > floor
+                and (best[0] <= 0 or reading > self.factor * best[0]))  # a sampled estimate can be <= 0: floor only
+        if best is None or reading < best[0]:
+            state["best"] = (reading, step)
+        streak = self._streak("late", high, {"step": step, "source": source, "seen": f"{reading:.3g}"})
+        if len(streak) < self.persistence:
+            return ""
+        return (f"the reverse KL of the last {LATE_FRACTION:.0%} of positions of full-horizon rollouts was "
+                f"{self._seen(streak)} nats per token: above {self.factor:g}x its best ({best[0]:.3g} at step "
+                f"{best[1]}, {source}) and above {floor:.3g} (the first reading, at step {self.first_late[1]}: "
+                f"{self.first_late[0]:.3g})")
+
+    def _loop_rule(self, state: dict, step: int, rollouts: int, repeating: int, source: str) -> str | None:
+        pooled = state["loops"]
+        pooled[0] += repeating
+        pooled[1] += rollouts
+        if pooled[1] < self.min_rollouts:
+            return None
+        looping, total = pooled
+        pooled[:] = [0, 0]
+        share, baseline = looping / total, state["loop_baseline"]
+        high = False
+        state["loop_readings"] += 1
+        if not self._settled(state, "loop_readings", step):  # the share at the start of this source: its baseline
+            baseline[0] += looping
+            baseline[1] += total
+        else:
+            high = share > self.repetition and share >= baseline[0] / baseline[1] + self.repetition / 2
+        streak = self._streak("loops", high, {"step": step, "source": source,
+                                              "seen": f"{share:.0%} ({looping}/{total})"})
+        if len(streak) < self.persistence:
+            return ""
+        return (f"the share of rollouts ending in a repeated loop was {self._seen(streak)}, against "
+                f"{baseline[0] / baseline[1]:.0%} ({baseline[0]}/{baseline[1]}) in the full-horizon {source} rollouts "
+                f"of steps {state['first_step']}-{state['loop_readings_until']}")
+
+    def _settled(self, state: dict, readings: str, step: int) -> bool:
+        """Whether a source's baseline is set: after its first `settle` readings and `settle_steps` steps (the first
+        steps of training, learning-rate warmup included, move the late positions most, on healthy runs too)."""
+        settled = state[readings] > max(1, self.settle) and step - state["first_step"] >= self.settle_steps
+        if not settled:
+            state[f"{readings}_until"] = step
+        return settled
+
+    def _streak(self, rule: str, high: bool, reading: dict) -> list[dict]:
+        streak = self.streaks[rule]
+        if high:
+            streak.append(reading)
+            del streak[:-self.persistence]
+        else:
+            streak.clear()
+        return streak
+
+    @staticmethod
+    def _seen(streak: list[dict]) -> str:
+        return ", ".join(f"{r['seen']} at step {r['step']} ({r['source']})" for r in streak)
+
+    def remedy(self) -> str:
+        """What to do, for the horizon mode the alarm watches."""
+        capped = self.training_reach < self.length and self.horizon_name in ("full", "rolling")  # rollout_max_tokens
+        if self.horizon_name in ("truncated", "progressive") or capped:
+            return ("Training does not reach the late positions, which drift (truncation collapse): use "
+                    "horizon='rolling' (every position trained at a truncated decode cost) or horizon='anchored' / "
+                    "'adaptive' (full-horizon steps now and then), or lower the learning rate")
+        if self.horizon_name in ("anchored", "adaptive"):
+            return ("The full-horizon steps do not hold the late positions: lower the learning rate, or make "
+                    "full-horizon steps more frequent (anchor_every / adaptive_probe_every)")
+        return ("Every position is trained in this mode, so this is not truncation collapse: lower the learning rate, "
+                "or use more prompts per step (a token-matched OPD at this update size decays too: the update is "
+                "noisy, not the horizon)")
+
     def state_dict(self) -> dict:
-        return {"late": self.late, "first_late": self.first_late, "best_late": self.best_late,
-                "lowest_repeating": self.lowest_repeating, "active": self.active, "warned": self.warned,
-                "events": self.events}
+        return {"active": self.active, "warned": self.warned, "events": self.events, "trace": self.trace}
 
     def load_state_dict(self, state: dict) -> None:
-        self.late, self.first_late = state.get("late"), state.get("first_late")
-        self.best_late = tuple(state["best_late"]) if state.get("best_late") else None
-        self.lowest_repeating = state.get("lowest_repeating")
+        """Rebuilds the rule's state by replaying the saved trace (so a checkpoint from before the trace existed
+        restarts the baselines), then restores what had fired."""
+        self._reset_rule()
+        self.trace, self.warned = [], True  # the replay does not warn
+        for t in state.get("trace", []):
+            self.observe_values(t["step"], t["horizon"], t.get("late"), t.get("rollouts", 0), t.get("repeating", 0),
+                                t.get("source", "training"), t.get("late_tokens"))
         self.active, self.warned = bool(state.get("active")), bool(state.get("warned"))
         self.events = list(state.get("events", []))

@@ -82,7 +82,7 @@ def test_answers_are_the_last_value_of_the_chain_inside_region_a():
 
 @pytest.mark.slow
 def test_a_built_pair_has_a_reliable_teacher_in_a_only_and_the_comparison_reports_time_to_90(tmp_path):
-    """A short build (the real one trains 600 steps): the teacher already knows region A and not B; then the four
+    """A short build (the real one trains 600 steps): the teacher already knows region A and not B; then the default
     methods run 2 steps each on a pair built in 30 steps and the summary holds every level, method and seed."""
     student, teacher, tokenizer = mm.build_pair(10, steps=250, log=lambda *_: None)
     teacher_a, teacher_b = (mm.region_accuracy(teacher, tokenizer, r, rollouts=16) for r in "AB")
@@ -93,8 +93,9 @@ def test_a_built_pair_has_a_reliable_teacher_in_a_only_and_the_comparison_report
     mm.main(["--levels", "10", "--seeds", "0", "--steps", "2", "--eval-every", "1", "--batch-size", "4",
              "--build-steps", "30", "--output-dir", str(tmp_path)])
     rows = json.loads((tmp_path / "summary.json").read_text())
-    assert [(r["mismatch"], r["method"]) for r in rows] == [(10, "OPD"), (10, "POPD linear 0.1->1"),
-                                                           (10, "TOPD rho=0.1"), (10, "OPD sequence-level")]
+    assert [(r["mismatch"], r["method"]) for r in rows] == [
+        (10, "OPD"), (10, "OPD matched rho=0.1"), (10, "POPD linear 0.1->1"), (10, "TOPD rho=0.1"),
+        (10, "Rolling rho=0.1"), (10, "OPD sequence-level")]
     assert all(len(r["final_accuracy"]) == 1 for r in rows)
     results = json.loads((tmp_path / "m10" / "results.json").read_text())
     assert results["settings"]["mismatch"] == 10 and "teacher_A" in results["settings"]["region_accuracy"]

