@@ -280,8 +280,8 @@ def main(argv=None) -> dict:
     p.add_argument("--factor", type=float, default=2.0, help="alarm_factor to replay with (default 2.0)")
     p.add_argument("--repetition", type=float, default=0.5, help="alarm_repetition to replay with (default 0.5)")
     p.add_argument("--rows", choices=("all", "notable", "none"), default="all",
-                   help="per-run rows: every run, the runs that collapsed or were alarmed (by this rule or the previous "
-                        "one), or none (default: all)")
+                   help="per-run rows: every run, the runs that collapsed or were alarmed (by this rule or the "
+                        "previous one), or none (default: all)")
     p.add_argument("--from-logs", action="store_true",
                    help="rebuild an approximate trace (late KL from the logged position bins, no loop counts) for "
                         "records written before alarm_trace existed, instead of skipping them")

@@ -106,10 +106,14 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
             Number of equal-width bins over the horizon in which the teacher-student reverse KL is logged
             (`kl_by_position/bin_{i}`, token-weighted over each logging window), the paper's Fig. 13. `0` turns it off.
         alarm_factor (`float`, *optional*, defaults to `2.0`):
-            The collapse alarm (`horizon/alarm`) fires when the reverse KL of the last quarter of positions, measured
-            at the full horizon (full steps, anchors, probes, evaluation), exceeds `alarm_factor` times its best.
+            The collapse alarm (`horizon/alarm`, `horizon_opd.monitor.CollapseAlarm`) fires when the reverse KL of the
+            last quarter of positions of full-horizon rollouts (full, anchor, probe and rolling steps; evaluation),
+            read per source once its baseline has settled, stays above `alarm_factor` times its source's best (and
+            above 0.1 nats) for two readings in a row.
         alarm_repetition (`float`, *optional*, defaults to `0.5`):
-            The alarm also fires when more than this fraction of a step's rollouts end in a repeated loop.
+            The alarm also fires when more than this fraction of full-horizon rollouts end in a repeated loop, for two
+            readings in a row, and at least half this fraction more than at the start (a student that loops before
+            training is not drifting).
 
     > [!NOTE]
     > `beta` must stay at 1.0 (reverse KL): the horizon methods are defined for the reverse KL, and a silently
@@ -160,11 +164,11 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
     )
     alarm_factor: float = field(
         default=2.0,
-        metadata={"help": "Collapse alarm: late-position full-horizon KL above alarm_factor x its best."},
+        metadata={"help": "Collapse alarm: late-position full-horizon KL above alarm_factor x its best, twice."},
     )
     alarm_repetition: float = field(
         default=0.5,
-        metadata={"help": "Collapse alarm: fraction of a step's rollouts ending in a repeated loop, in (0, 1]."},
+        metadata={"help": "Collapse alarm: fraction of full-horizon rollouts ending in a repeated loop, in (0, 1]."},
     )
 
     def __post_init__(self):

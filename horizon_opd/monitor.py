@@ -21,8 +21,8 @@ ALARM_SETTLE = 3
 ALARM_SETTLE_STEPS = 10
 # A condition must hold on this many consecutive readings to fire (a one-off spike never does).
 ALARM_PERSISTENCE = 2
-# A late KL at or below max(ALARM_MIN_KL nats per token, ALARM_FLOOR x the run's first late KL) never fires, whatever its
-# ratio to its best: a solved late region's KL jumps 10x between steps on healthy runs.
+# A late KL at or below max(ALARM_MIN_KL nats per token, ALARM_FLOOR x the run's first late KL) never fires, whatever
+# its ratio to its best: a solved late region's KL jumps 10x between steps on healthy runs.
 ALARM_MIN_KL = 0.1
 ALARM_FLOOR = 0.5
 # A reading pools a source's consecutive full-horizon observations until they hold this many late tokens (late KL) or

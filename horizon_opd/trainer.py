@@ -246,7 +246,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         self.horizon_history.append(record.horizon)
         self.horizon_policy.observe(record)
         # rolled chunks train every position up to L at each step: the alarm reads them as full-horizon positions
-        reach = self.args.max_completion_length if self.rollout_pool is not None else record.horizon
+        reach = self.rollout_pool.max_tokens if self.rollout_pool is not None else record.horizon
         self.alarm.observe(record.step, reach, record.kl_sums, record.kl_counts, record.rollouts, record.repeating)
         self._windows["train"].add(record)
 

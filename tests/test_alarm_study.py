@@ -77,8 +77,9 @@ def test_detector_table_totals(tmp_path):
     ]})
     # the real model: one run per file, held-out KL curves, L in the run's settings
     real = _write(tmp_path, "opd_seed0.json", {
-        "method": "opd", "name": "OPD", "seed": 0, "settings": {"max_completion_length": L}, "horizon": {"horizon": "full"},
-        "curve": _curve([2.94, 1.2, 0.55], every=12, key="heldout_kl"), "alarm_trace": QUIET, "alarm_events": [{"step": 3}]})
+        "method": "opd", "name": "OPD", "seed": 0, "settings": {"max_completion_length": L},
+        "horizon": {"horizon": "full"}, "curve": _curve([2.94, 1.2, 0.55], every=12, key="heldout_kl"),
+        "alarm_trace": QUIET, "alarm_events": [{"step": 3}]})
     table = detector_table([demo, real])
     rows = {(r["file"], r["method"], r["seed"]): r for r in table["rows"]}
     assert len(rows) == 5

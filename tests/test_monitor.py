@@ -192,7 +192,8 @@ def test_progressive_first_full_horizon_steps_are_not_compared_with_an_earlier_b
     alarm = _alarm("progressive")
     observations = [_full(s, v, source="evaluation") for s, v in [(10, 0.004), (20, 0.002), (30, 0.003)]]
     observations += [dict(step=s, horizon=4, kl_sums=[1.0] * L8, kl_counts=[1.0] * L8) for s in range(25, 30)]
-    observations += [_full(s, v) for s, v in zip(range(30, 50), [0.9, 0.8, 0.6, 0.5, 0.4, 0.45, 0.3, 0.35] + [0.3] * 12)]
+    falling = [0.9, 0.8, 0.6, 0.5, 0.4, 0.45, 0.3, 0.35] + [0.3] * 12
+    observations += [_full(s, v) for s, v in zip(range(30, 50), falling)]
     observations += [_full(s, 0.005, source="evaluation") for s in (40, 50)]
     observations.sort(key=lambda o: o["step"])
     assert _quietly(alarm, observations) == [False] * len(observations)
