@@ -532,12 +532,17 @@ def measured_counts(demo: str = DEMO_RESULTS, real_model: str = REAL_MODEL_RESUL
     if os.path.exists(real_model):
         with open(real_model) as f:
             results = json.load(f)
-        L, batch = results["settings"]["max_completion_length"], results["settings"]["batch_size"]
-        for m in results["methods"].values():
+        L = results["settings"]["max_completion_length"]
+        # the per-(method, seed) format lists "runs" with their own batch and cost ledger; the older one "methods"
+        runs = results["runs"] if "runs" in results else list(results["methods"].values())
+        for m in runs:
+            batch = m.get("batch_size") or results["settings"]["batch_size"]
             steps = len(m["horizons"])
             tokens = m["tokens_generated"] / steps
+            recorded = m.get("decode_iterations") is not None
+            decode = (m["decode_iterations"] if recorded else sum(m["horizons"])) / steps
             rows.append({"run": f"real model (SmolLM2, L = {L}, {batch} rollouts)", "method": m["name"],
-                         "decode_iterations": sum(m["horizons"]) / steps, "decode_recorded": False, "tokens": tokens,
+                         "decode_iterations": decode, "decode_recorded": recorded, "tokens": tokens,
                          "fill": tokens / (batch * sum(m["horizons"]) / steps), "L": L})
     lines = ["| run (measured) | method | decode iterations / step | of L | tokens generated / step | fill |",
              "|---|---|---|---|---|---|"]
