@@ -20,7 +20,7 @@ from transformers import PrinterCallback
 from ..callbacks import HeldOutEvalCallback
 from ..config import HorizonOPDConfig
 from ..diagnostics import kl_by_position
-from ..horizon import policy_from_alias
+from ..horizon import policy_from_alias, ratio_to_tokens
 from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
 from .measure import PeakRSS, machine_description
@@ -45,7 +45,7 @@ class Method:
         """Prompts per step for this method when the comparison runs B = `batch_size`."""
         if self.batch_ratio is None:
             return batch_size
-        return max(1, math.ceil(round(self.batch_ratio * batch_size, 9)))
+        return ratio_to_tokens(self.batch_ratio, batch_size)  # ceil(ratio * B) in [1, B], as horizons are rounded
 
 
 def method(name: str) -> Method:
@@ -275,7 +275,7 @@ def compare_with_opd(results: dict) -> dict:
                 "decode_ratio": _ratio(r.get("decode_iterations"), opd.get("decode_iterations")),
                 "trained_token_ratio": _ratio(r.get("trained_tokens"), opd.get("trained_tokens")),
                 "time_to_90pct": time_90,
-                "time_to_90pct_ratio": None if (time_90 is None or not opd_time) else time_90 / opd_time,
+                "time_to_90pct_ratio": _ratio(time_90, opd_time),
                 "decode_iterations_to_90pct": decode_90,
                 "decode_to_90pct_ratio": _ratio(decode_90, opd_decode),
             })
