@@ -534,16 +534,18 @@ def measured_counts(demo: str = DEMO_RESULTS, real_model: str = REAL_MODEL_RESUL
             results = json.load(f)
         L = results["settings"]["max_completion_length"]
         # the per-(method, seed) format lists "runs" with their own batch and cost ledger; the older one "methods"
-        runs = results["runs"] if "runs" in results else list(results["methods"].values())
-        for m in runs:
-            batch = m.get("batch_size") or results["settings"]["batch_size"]
-            steps = len(m["horizons"])
-            tokens = m["tokens_generated"] / steps
-            recorded = m.get("decode_iterations") is not None
-            decode = (m["decode_iterations"] if recorded else sum(m["horizons"])) / steps
-            rows.append({"run": f"real model (SmolLM2, L = {L}, {batch} rollouts)", "method": m["name"],
+        all_runs = results["runs"] if "runs" in results else list(results["methods"].values())
+        for name in dict.fromkeys(m["name"] for m in all_runs):  # one row per method, its seeds pooled
+            runs = [m for m in all_runs if m["name"] == name]
+            batch = runs[0].get("batch_size") or results["settings"]["batch_size"]
+            steps = sum(len(m["horizons"]) for m in runs)
+            tokens = sum(m["tokens_generated"] for m in runs) / steps
+            recorded = all(m.get("decode_iterations") is not None for m in runs)
+            decode = sum(m["decode_iterations"] if recorded else sum(m["horizons"]) for m in runs) / steps
+            rows.append({"run": f"real model (SmolLM2, L = {L}, {batch} rollouts, {len(runs)} "
+                                f"seed{'s' if len(runs) > 1 else ''})", "method": name,
                          "decode_iterations": decode, "decode_recorded": recorded, "tokens": tokens,
-                         "fill": tokens / (batch * sum(m["horizons"]) / steps), "L": L})
+                         "fill": tokens / (batch * sum(sum(m["horizons"]) for m in runs) / steps), "L": L})
     lines = ["| run (measured) | method | decode iterations / step | of L | tokens generated / step | fill |",
              "|---|---|---|---|---|---|"]
     for r in rows:

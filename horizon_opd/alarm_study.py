@@ -8,6 +8,8 @@ trainer share one rule; its first firing is compared with the fall:
 
 - precision: alarmed runs that collapsed / alarmed runs;
 - recall: collapsed runs alarmed before or at the fall / collapsed runs;
+- the same, counting only the collapses that *stayed down* (final value still past the threshold) and leaving out the
+  runs that fell and recovered;
 - false-alarm rate: healthy runs alarmed / healthy runs;
 - lead time: steps from the first alarm to the fall (median over the collapsed runs alarmed in time).
 
@@ -43,21 +45,27 @@ def label_run(curve: list[dict], key: str = "accuracy", higher_is_better: bool =
     """Whether an evaluation curve (`[{"step", key: value}, ...]`, step 0 included) collapsed, and where.
 
     Higher is better (accuracy): collapsed at the first evaluation below (peak so far) - `drop`. Lower is better (a
-    KL): collapsed at the first evaluation above `rise` x (best so far). Returns `{"collapsed", "fall_step", "peak",
-    "peak_step", "value_at_fall", "final"}` (the peak is the best value before the fall, or over the whole curve)."""
+    KL): collapsed at the first evaluation above `rise` x (best so far). A collapse *stayed down* when the curve's
+    final value is still that far from the peak; otherwise the run fell and recovered (the mismatch task's early dips,
+    e.g. 0.72 -> 0.05 -> 1.00). Returns `{"collapsed", "stayed_down", "fall_step", "peak", "peak_step",
+    "value_at_fall", "final"}` (the peak is the best value before the fall, or over the whole curve)."""
     points = [(p["step"], p[key]) for p in curve if p.get(key) is not None]
     if not points:
         raise ValueError(f"the curve has no {key!r} values")
+
+    def fallen(value, best):
+        return value < best - drop if higher_is_better else value > rise * best
+
     best_step, best = points[0]
+    final = points[-1][1]
     for step, value in points[1:]:
-        fell = value < best - drop if higher_is_better else value > rise * best
-        if fell:
-            return {"collapsed": True, "fall_step": step, "peak": best, "peak_step": best_step, "value_at_fall": value,
-                    "final": points[-1][1]}
+        if fallen(value, best):
+            return {"collapsed": True, "stayed_down": fallen(final, best), "fall_step": step, "peak": best,
+                    "peak_step": best_step, "value_at_fall": value, "final": final}
         if (value > best) if higher_is_better else (value < best):
             best_step, best = step, value
-    return {"collapsed": False, "fall_step": None, "peak": best, "peak_step": best_step, "value_at_fall": None,
-            "final": points[-1][1]}
+    return {"collapsed": False, "stayed_down": False, "fall_step": None, "peak": best, "peak_step": best_step,
+            "value_at_fall": None, "final": final}
 
 
 class PreviousCollapseAlarm:
@@ -196,8 +204,13 @@ def run_rows(path: str, from_logs: bool = False, factor: float = 2.0, repetition
     return rows, notes
 
 
-def totals(rows: list[dict], alarm_key: str = "alarm_step") -> dict:
-    """Precision, recall, false-alarm rate and median lead time of one alarm column over `rows`."""
+def totals(rows: list[dict], alarm_key: str = "alarm_step", stayed_down: bool = False) -> dict:
+    """Precision, recall, false-alarm rate and median lead time of one alarm column over `rows`. With `stayed_down`,
+    only the collapses that stayed down count as collapsed, and the runs that fell and recovered are left out of both
+    sides (an alarm before a 20-point fall is not a false alarm; a dip the run recovers from by itself is not one a
+    user must be warned of): `left_out` counts them."""
+    recovered = [r for r in rows if stayed_down and r["collapsed"] and not r["stayed_down"]]
+    rows = [r for r in rows if not (stayed_down and r["collapsed"] and not r["stayed_down"])]
     collapsed = [r for r in rows if r["collapsed"]]
     healthy = [r for r in rows if not r["collapsed"]]
     alarmed = [r for r in rows if r[alarm_key] is not None]
@@ -212,48 +225,59 @@ def totals(rows: list[dict], alarm_key: str = "alarm_step") -> dict:
             "precision": ratio(sum(r["collapsed"] for r in alarmed), len(alarmed)),
             "recall": ratio(len(in_time), len(collapsed)), "caught": len(in_time),
             "false_alarm_rate": ratio(len(false), len(healthy)), "false_alarms": len(false),
-            "median_lead": statistics.median(leads) if leads else None}
+            "median_lead": statistics.median(leads) if leads else None, "left_out": len(recovered)}
 
 
 def detector_table(results_files: list[str], from_logs: bool = False, factor: float = 2.0, repetition: float = 0.5,
                    **settings) -> dict:
     """Per run (file, method, seed, collapsed, fall step, first alarm step, lead time) over every results file, and
-    the totals: `{"rows", "totals", "by_file", "previous", "recorded", "notes"}`. `by_file` has the totals of each
-    file; `previous` those of the previous rule replayed on the same traces; `recorded` those of the alarm events the
-    files hold (whichever rule ran when they were written)."""
-    rows, notes, by_file = [], [], {}
+    the totals: `{"rows", "totals", "by_file", "previous", "recorded", "stayed_down", "notes"}`. `by_file` has the
+    totals of each file; `previous` those of the previous rule replayed on the same traces; `recorded` those of the
+    alarm events the files hold (whichever rule ran when they were written); `stayed_down` the same four counting
+    only the collapses that stayed down (`{"totals", "by_file", "previous", "recorded"}`)."""
+    rows, notes, files = [], [], []
     for path in results_files:
         file_rows, file_notes = run_rows(path, from_logs, factor, repetition, **settings)
         rows += file_rows
         notes += file_notes
         if file_rows:
-            by_file[path] = totals(file_rows)
-    return {"rows": rows, "totals": totals(rows), "by_file": by_file,
-            "previous": totals(rows, "previous_alarm_step"), "recorded": totals(rows, "recorded_alarm_step"),
-            "notes": notes}
+            files.append((path, file_rows))
+
+    def columns(stayed_down):
+        return {"totals": totals(rows, stayed_down=stayed_down),
+                "by_file": {path: totals(file_rows, stayed_down=stayed_down) for path, file_rows in files},
+                "previous": totals(rows, "previous_alarm_step", stayed_down),
+                "recorded": totals(rows, "recorded_alarm_step", stayed_down)}
+
+    return {"rows": rows, **columns(False), "stayed_down": columns(True), "notes": notes}
 
 
 def _fmt(value, spec=".2f"):
     return "–" if value is None else format(value, spec)
 
 
-def _totals_row(label: str, s: dict) -> str:
+def _totals_row(label: str, s: dict, down: dict) -> str:
+    """One row: every fall counted (`s`), and only the falls that stayed down (`down`: recall, and the false alarms on
+    the runs that never fell, the same in both)."""
     healthy = s["runs"] - s["collapsed"]
-    return (f"| {label} | {s['runs']} | {s['collapsed']} | {s['alarmed']} | {_fmt(s['precision'])} | "
-            f"{_fmt(s['recall'])} ({s['caught']}/{s['collapsed']}) | {_fmt(s['false_alarm_rate'])} "
+    return (f"| {label} | {s['runs']} | {s['collapsed']} ({down['collapsed']}) | {s['alarmed']} | "
+            f"{_fmt(s['precision'])} | {_fmt(s['recall'])} ({s['caught']}/{s['collapsed']}) | "
+            f"{_fmt(down['recall'])} ({down['caught']}/{down['collapsed']}) | {_fmt(s['false_alarm_rate'])} "
             f"({s['false_alarms']}/{healthy}) | {_fmt(s['median_lead'], 'g')} |")
 
 
 def format_markdown(table: dict, rows: str = "all") -> str:
     """The totals (this rule, the previous rule, the recorded events, and this rule per file), then one row per run
     (`rows="all"`), per run that collapsed or was alarmed by either rule (`"notable"`), or none (`"none"`)."""
-    lines = ["| alarm | runs | collapsed | alarmed | precision | recall (alarm ≤ fall) | false-alarm rate (healthy "
-             "runs) | median lead (steps) |", "|---|---|---|---|---|---|---|---|",
-             _totals_row("this rule, all runs", table["totals"]),
-             _totals_row("previous rule, same traces", table["previous"]),
-             _totals_row("recorded in the files (the rule that ran)", table["recorded"])]
+    down = table["stayed_down"]
+    lines = ["| alarm | runs | collapsed (stayed down) | alarmed | precision | recall: every fall (alarm ≤ fall) | "
+             "recall: falls that stayed down | false alarms on runs that never fell | median lead (steps) |",
+             "|---|---|---|---|---|---|---|---|---|",
+             _totals_row("this rule, all runs", table["totals"], down["totals"]),
+             _totals_row("previous rule, same traces", table["previous"], down["previous"]),
+             _totals_row("recorded in the files (the rule that ran)", table["recorded"], down["recorded"])]
     if len(table["by_file"]) > 1:
-        lines += [_totals_row(f"this rule, {path}", s) for path, s in table["by_file"].items()]
+        lines += [_totals_row(f"this rule, {path}", s, down["by_file"][path]) for path, s in table["by_file"].items()]
     shown = [r for r in table["rows"] if rows == "all" or (rows == "notable" and (
         r["collapsed"] or r["alarm_step"] is not None or r["previous_alarm_step"] is not None))]
     if shown:
@@ -262,7 +286,8 @@ def format_markdown(table: dict, rows: str = "all") -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
     for row in shown:
         where = f"{row['alarm_step']} ({row['alarm_source']})" if row["alarm_step"] is not None else "–"
-        values = (f"{row['peak']:.3g} → {row['value_at_fall']:.3g}" if row["collapsed"] else
+        values = (f"{row['peak']:.3g} → {row['value_at_fall']:.3g}"
+                  + ("" if row["stayed_down"] else f" (recovered: final {row['final']:.3g})") if row["collapsed"] else
                   f"{row['peak']:.3g} (final {row['final']:.3g})")
         lines.append(f"| {row['file']}{' (approx.)' if row['approximate'] else ''} | {row['method']} | {row['seed']} "
                      f"| {'yes' if row['collapsed'] else 'no'} | {values} | {_fmt(row['fall_step'], 'd')} | {where} "
