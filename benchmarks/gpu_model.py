@@ -510,6 +510,24 @@ def esr_check(student: Model = STUDENT, teacher: Model = TEACHER, prompts=(64, 2
 REAL_MODEL_RESULTS = os.path.join(ROOT, "examples", "real_model", "results.json")
 
 
+def _pooled_counts(all_runs: list[dict], settings: dict, label) -> list[dict]:
+    """One counts row per method of a results file, its seeds pooled: decode iterations and tokens per step, and the
+    fill. `label(batch, seeds)` names the row's run."""
+    L = settings["max_completion_length"]
+    rows = []
+    for name in dict.fromkeys(m["name"] for m in all_runs):
+        runs = [m for m in all_runs if m["name"] == name]
+        batch = runs[0].get("batch_size") or settings["batch_size"]
+        steps = sum(len(m["horizons"]) for m in runs)
+        recorded = all(m.get("decode_iterations") is not None for m in runs)
+        decode = sum(m["decode_iterations"] if recorded else sum(m["horizons"]) for m in runs) / steps
+        tokens = sum(m["tokens_generated"] for m in runs) / steps
+        rows.append({"run": label(batch, len(runs)), "method": name, "decode_iterations": decode,
+                     "decode_recorded": recorded, "tokens": tokens,
+                     "fill": tokens / (batch * sum(sum(m["horizons"]) for m in runs) / steps), "L": L})
+    return rows
+
+
 def measured_counts(demo: str = DEMO_RESULTS, real_model: str = REAL_MODEL_RESULTS) -> tuple[list[str], list[dict]]:
     """The per-method counts the training runs measured (their results.json): decode iterations per step (recorded
     by the trainer's `CostLedger` where the file has them, else the step's horizon, an upper bound), tokens generated
@@ -519,33 +537,17 @@ def measured_counts(demo: str = DEMO_RESULTS, real_model: str = REAL_MODEL_RESUL
         with open(demo) as f:
             results = json.load(f)
         L = results["settings"]["max_completion_length"]
-        for name in dict.fromkeys(m["name"] for m in results["methods"]):
-            runs = [m for m in results["methods"] if m["name"] == name]
-            steps = sum(len(m["horizons"]) for m in runs)
-            batch = runs[0].get("batch_size") or results["settings"]["batch_size"]
-            recorded = all(m.get("decode_iterations") is not None for m in runs)
-            decode = sum(m["decode_iterations"] if recorded else sum(m["horizons"]) for m in runs) / steps
-            tokens = sum(m["tokens_generated"] for m in runs) / steps
-            rows.append({"run": f"demo (L = {L}, {batch} rollouts, {len(runs)} seeds)", "method": name,
-                         "decode_iterations": decode, "decode_recorded": recorded, "tokens": tokens,
-                         "fill": tokens / (batch * sum(sum(m["horizons"]) for m in runs) / steps), "L": L})
+        rows += _pooled_counts(results["methods"], results["settings"], lambda batch, seeds:
+                               f"demo (L = {L}, {batch} rollouts, {seeds} seeds)")
     if os.path.exists(real_model):
         with open(real_model) as f:
             results = json.load(f)
         L = results["settings"]["max_completion_length"]
         # the per-(method, seed) format lists "runs" with their own batch and cost ledger; the older one "methods"
-        all_runs = results["runs"] if "runs" in results else list(results["methods"].values())
-        for name in dict.fromkeys(m["name"] for m in all_runs):  # one row per method, its seeds pooled
-            runs = [m for m in all_runs if m["name"] == name]
-            batch = runs[0].get("batch_size") or results["settings"]["batch_size"]
-            steps = sum(len(m["horizons"]) for m in runs)
-            tokens = sum(m["tokens_generated"] for m in runs) / steps
-            recorded = all(m.get("decode_iterations") is not None for m in runs)
-            decode = sum(m["decode_iterations"] if recorded else sum(m["horizons"]) for m in runs) / steps
-            rows.append({"run": f"real model (SmolLM2, L = {L}, {batch} rollouts, {len(runs)} "
-                                f"seed{'s' if len(runs) > 1 else ''})", "method": name,
-                         "decode_iterations": decode, "decode_recorded": recorded, "tokens": tokens,
-                         "fill": tokens / (batch * sum(sum(m["horizons"]) for m in runs) / steps), "L": L})
+        runs = results["runs"] if "runs" in results else list(results["methods"].values())
+        rows += _pooled_counts(runs, results["settings"], lambda batch, seeds:
+                               f"real model (SmolLM2, L = {L}, {batch} rollouts, {seeds} "
+                               f"seed{'s' if seeds > 1 else ''})")
     lines = ["| run (measured) | method | decode iterations / step | of L | tokens generated / step | fill |",
              "|---|---|---|---|---|---|"]
     for r in rows:

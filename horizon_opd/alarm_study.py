@@ -34,7 +34,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .monitor import LATE_FRACTION, CollapseAlarm
+from .monitor import LATE_FRACTION, CollapseAlarm, observe_trace
 
 ACCURACY_DROP = 0.20  # collapsed: accuracy more than this below its peak so far
 KL_RISE = 1.5  # collapsed: held-out KL more than this times its best so far
@@ -104,9 +104,7 @@ def replay_alarm(trace: list[dict], policy_name: str, max_completion_length: int
     alarm = alarm_cls(max_completion_length, factor, repetition, policy_name, **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for t in trace:
-            alarm.observe_values(t["step"], t["horizon"], t.get("late"), t.get("rollouts", 0), t.get("repeating", 0),
-                                 source=t.get("source", "training"), late_tokens=t.get("late_tokens"))
+        observe_trace(alarm, trace)
     return alarm
 
 

@@ -399,8 +399,14 @@ class CollapseAlarm:
         restarts the baselines), then restores what had fired."""
         self._reset_rule()
         self.trace, self.warned = [], True  # the replay does not warn
-        for t in state.get("trace", []):
-            self.observe_values(t["step"], t["horizon"], t.get("late"), t.get("rollouts", 0), t.get("repeating", 0),
-                                t.get("source", "training"), t.get("late_tokens"))
+        observe_trace(self, state.get("trace", []))
         self.active, self.warned = bool(state.get("active")), bool(state.get("warned"))
         self.events = list(state.get("events", []))
+
+
+def observe_trace(alarm, trace: list[dict]) -> None:
+    """Feeds `alarm` (a `CollapseAlarm`, or any rule with its `observe_values`) every observation of a recorded
+    `trace`, in order: how a resumed run rebuilds its alarm and how `horizon_opd.alarm_study` replays a run."""
+    for t in trace:
+        alarm.observe_values(t["step"], t["horizon"], t.get("late"), t.get("rollouts", 0), t.get("repeating", 0),
+                             source=t.get("source", "training"), late_tokens=t.get("late_tokens"))
