@@ -45,6 +45,8 @@ from common import PRESETS, PeakRSS, median, now  # noqa: E402
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from horizon_opd.monitor import COUNTERS  # noqa: E402
+
 CONFIGS = {
     "trl_distillation": {"trainer": "trl"},
     "gkd": {"trainer": "gkd"},
@@ -53,8 +55,12 @@ CONFIGS = {
     "truncated_0.25": {"trainer": "horizon", "horizon": "truncated", "truncation_ratio": 0.25},
     "truncated_0.5": {"trainer": "horizon", "horizon": "truncated", "truncation_ratio": 0.5},
     # Rolling rollouts: each measured step continues the pool's rollouts by one chunk of ceil(0.1 L) tokens (the
-    # warm-up step seeds the pool at staggered depths), so the context re-encoded each step is a mix of depths.
-    "rolling_0.1": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1},
+    # warm-up step seeds the pool at staggered depths: the "prefix" warm-up, so the measured steps see the steady
+    # state's depth mix), so the student re-encodes a mix of context depths each step; the teacher keeps each slot's
+    # keys and values across steps (`rolling_teacher_cache`), and `_nocache` re-encodes them as the student does.
+    "rolling_0.1": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1, "rolling_warmup": "prefix"},
+    "rolling_0.1_nocache": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1,
+                            "rolling_warmup": "prefix", "rolling_teacher_cache": False},
     # Stages [0.1, 0.25, 0.5, 1.0] x L starting at [0, 25, 50, 75] % of max_steps; the last stage is reached by
     # starting at global step 75 of 100, as a resumed run would.
     "progressive_first": {"trainer": "horizon", "horizon": "progressive", "progressive_schedule": "stages",
@@ -133,6 +139,8 @@ class StepTimer(TrainerCallback):
             cost = self.trainer.cost.state_dict()  # attention-mask count below would take for generated tokens
             record["tokens"] = cost["generated_tokens"] - self.cost["generated_tokens"]
             record["decode_iterations"] = cost["decode_iterations"] - self.cost["decode_iterations"]
+            for name in COUNTERS:  # what each model encoded this step, with and without grad
+                record[name] = cost[name] - self.cost[name]
             self.cost = cost
         self.records.append(record)
         self.step = None
@@ -274,7 +282,7 @@ def run_config(name: str, preset, tokenizer, warmup: int, steps: int) -> dict:
     measured = records[warmup:]
     keys = ("step", *SEGMENTS, "overhead", "tokens", "training_step")  # training_step: NaN for GKD (no metric)
     if all("decode_iterations" in r for r in measured):  # HorizonOPDTrainer's cost ledger
-        keys += ("decode_iterations",)
+        keys += ("decode_iterations", *COUNTERS)
     result = {
         "config": name,
         "trainer": {"trl": "trl.DistillationTrainer", "gkd": "trl.experimental.gkd.GKDTrainer",

@@ -13,6 +13,10 @@ from pathlib import Path
 from .config import LOSS_TYPES, REMOTE_LOSS_TYPES
 from .horizon import method_names
 
+# Held-out rows read from the head of a --streaming dataset when --eval-size does not say (a stream has no length to
+# take a fraction of).
+STREAM_HELD_OUT = 100
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -43,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHOD_NAMES),
                    help=f"methods to compare: {', '.join(method_names())} (e.g. topd0.1 for TOPD with rho = 0.1), "
                         f"and opd-matched<rho>: OPD on ceil(rho x batch) prompts per step, a truncated method's tokens "
-                        f"per update (the baseline that tells the horizon from the update size); "
+                        f"per update (the baseline that tells the horizon from the update size), and "
+                        f"rolling-wide<rho> / topd-wide<rho>: the method on ceil(batch / rho) prompts per step, OPD's "
+                        f"tokens per update; "
                         f"default: {' '.join(DEFAULT_METHOD_NAMES)}")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method (default: 60; "
                                                                      "quick: 8)")
@@ -59,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None,
                    help="prompt dataset: a `datasets.save_to_disk` directory or a .json/.jsonl file with a 'prompt' "
                         "column (and 'answer' for exact-match accuracy of the last number); default: the demo task")
+    p.add_argument("--streaming", action="store_true",
+                   help="read the .json/.jsonl --dataset as a stream instead of loading it: the first --eval-size "
+                        f"rows (default {STREAM_HELD_OUT}) are held out for evaluation, training streams the rest")
     p.add_argument("--max-completion-length", type=_positive_int, default=None,
                    help="full horizon L (default: the task's)")
     p.add_argument("--teacher-url", default=None,
@@ -102,6 +111,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list]:
     if args.dataset is not None and not Path(args.dataset).exists():
         parser.error(f"argument --dataset: {args.dataset!r} does not exist; pass a save_to_disk directory or a "
                      f".json/.jsonl file with a 'prompt' column")
+    if args.streaming and (args.dataset is None or Path(args.dataset).suffix not in (".json", ".jsonl")):
+        parser.error(f"argument --streaming: streams a .json/.jsonl --dataset, not {args.dataset!r}; a save_to_disk "
+                     f"directory is memory-mapped already and the demo task is built in memory: drop --streaming")
     args.parser = parser
     return args, methods
 
@@ -117,7 +129,8 @@ def load_inputs(args):
         max_len = demo.MAX_COMPLETION_LENGTH
     else:
         try:
-            data = demo.load_prompt_dataset(args.dataset)
+            data = demo.load_prompt_dataset(args.dataset, streaming=args.streaming,
+                                            held_out=args.eval_size or STREAM_HELD_OUT)
         except ValueError as error:
             args.parser.error(f"argument --dataset: {error}")
         max_len = 256

@@ -7,6 +7,7 @@ from trl import DistillationConfig
 
 from .horizon import HORIZON_POLICIES, HorizonPolicy, horizon_settings
 from .loss import check_loss_window
+from .rollout import WARMUPS
 
 LOSS_TYPES = ("reverse_kl", "sampled", "sequence", "topk_reverse_kl")
 # What each loss needs from a teacher served over HTTP: the actual tokens' log-probs, or the teacher's top-k as well.
@@ -58,6 +59,20 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
             A cut in tokens rather than a ratio (ESR, arXiv 2605.27028, trained on the first N = 100 tokens): every
             rollout ends after at most this many tokens, in any horizon mode (the horizon becomes min(horizon, N);
             with `horizon="rolling"` a rollout ends at N). `None`: rollouts may run to `max_completion_length`.
+
+        rolling_warmup (`str`, *optional*, defaults to `"cut"`):
+            How `horizon="rolling"` spreads its slots over the rollout's depths at the start. `"cut"`: every slot starts
+            at depth 0 and slot i's first rollout ends early, after n - floor(i n / S) of its n chunks, so by step n
+            the depths are spread; nothing extra is generated. `"prefix"`: step 0 generates one prefix per slot (up to
+            n - 1 chunks) and slot i keeps floor(i n / S) chunks of it; spread from step 0, at about half a full
+            rollout's decode iterations and tokens per slot, once.
+
+        rolling_teacher_cache (`bool`, *optional*, defaults to `True`):
+            With `horizon="rolling"` and a local teacher, keep each slot's teacher keys and values across steps (the
+            teacher is frozen, so a context encodes to the same values at every step) and run the teacher only on each
+            step's new tokens. Costs the teacher's KV memory for every context in flight (`horizon_opd/kv_cache.py`
+            gives the sizes); `False` re-encodes each context at every step. Models with sliding-window layers are
+            never cached.
 
         > Parameters that control the loss
 
@@ -128,6 +143,14 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
     rollout_max_tokens: int | None = field(
         default=None,
         metadata={"help": "End every rollout after at most this many tokens, in any horizon mode (e.g. 100)."},
+    )
+    rolling_warmup: str = field(
+        default="cut",
+        metadata={"help": "How rolling rollouts spread their depths at the start.", "choices": list(WARMUPS)},
+    )
+    rolling_teacher_cache: bool = field(
+        default=True,
+        metadata={"help": "Rolling rollouts: keep each slot's teacher keys and values across steps."},
     )
     loss_type: str = field(
         default="reverse_kl",
@@ -204,6 +227,18 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
         if self.deepspeed_plugin is not None:
             self._check_deepspeed_processes()
         self.horizon_policy()  # validates the horizon settings now, at construction
+        if self.horizon == "rolling":
+            self._check_rolling_steps()
+
+    def _check_rolling_steps(self) -> None:
+        if self.max_steps is None or self.max_steps <= 0:
+            raise ValueError(
+                f"horizon='rolling' with max_steps={self.max_steps} (num_train_epochs={self.num_train_epochs}): a rolling "
+                f"step starts a prompt only where a rollout ended, so how many steps an epoch of prompts takes depends "
+                f"on the rollouts' lengths, and an epoch count cannot say when to stop. Set max_steps: about "
+                f"N x c / S steps roll out N prompts once, with S slots (per_device_train_batch_size x "
+                f"gradient_accumulation_steps x processes) and c the mean chunks per rollout (at most "
+                f"ceil(1 / truncation_ratio)); the log's horizon/prompts_started counts them.")
 
     def horizon_policy(self) -> HorizonPolicy:
         """A new policy object for these settings (the trainer keeps its own, which may hold state)."""
@@ -217,6 +252,8 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"rollout_max_tokens={n!r} must be an integer >= 1 (a rollout's length in tokens), or "
                              f"None to let rollouts run to max_completion_length.")
+        if self.rolling_warmup not in WARMUPS:
+            raise ValueError(f"rolling_warmup={self.rolling_warmup!r} is unknown; choose one of {list(WARMUPS)}.")
         if self.horizon != "rolling":
             return
         if self.loss_window is not None:

@@ -66,6 +66,7 @@ class StepRecord:
     repeating: int = 0
     generated_tokens: int = 0
     decode_iterations: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # the `monitor.COUNTERS`, summed over ranks
 
     def signal(self) -> tuple[list[float], list[float]]:
         return (self.signal_sums if self.signal_sums is not None else self.kl_sums), self.kl_counts

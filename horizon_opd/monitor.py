@@ -32,6 +32,13 @@ ALARM_MIN_ROLLOUTS = 16
 # A rollout "ends in a loop" when its last max(3p, LOOP_MIN_SPAN) tokens repeat a unit of p <= LOOP_MAX_PERIOD tokens.
 LOOP_MIN_SPAN = 24
 LOOP_MAX_PERIOD = 16
+# What a step's forwards encode, counted so a machine can be priced from counts (non-padding tokens, all ranks):
+# - prompts_started: rollouts begun (a rolling step starts one per freed slot; other modes one per row);
+# - prefill_tokens: prompt/context tokens generation encoded before its first sampled token;
+# - student_grad_tokens / student_nograd_tokens: tokens the student's loss forward ran with / without grad (a rolled
+#   chunk's context runs without grad);
+# - teacher_tokens: tokens a local teacher encoded for the loss (a rolling slot's cached context is not re-encoded).
+COUNTERS = ("prompts_started", "prefill_tokens", "student_grad_tokens", "student_nograd_tokens", "teacher_tokens")
 
 
 def ends_in_loop(ids: list[int], max_period: int = LOOP_MAX_PERIOD, min_span: int = LOOP_MIN_SPAN) -> bool:
@@ -56,6 +63,11 @@ class StepMeter:
         self._tensors = None
         self.rollouts = self.repeating = self.generated_tokens = 0
         self.decode_iterations = 0  # this rank's sequential decode steps: the longest rollout of each generate call
+        self.counts = dict.fromkeys(COUNTERS, 0)
+
+    def count(self, name: str, value) -> None:
+        """Add `value` to one of the `COUNTERS` (a tensor is read once, here)."""
+        self.counts[name] += int(value)
 
     def add_tokens(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None,
                    offsets: torch.Tensor | None = None) -> None:
@@ -109,6 +121,7 @@ class StepMeter:
         per_rank[getattr(accelerator, "process_index", 0)] = self.decode_iterations
         packed = torch.cat([parts.get("kl", zeros).to(device), parts.get("count", zeros).to(device),
                             parts.get("signal", zeros).to(device) if with_signal else zeros[:0], per_rank,
+                            torch.tensor([self.counts[name] for name in COUNTERS], dtype=torch.float64, device=device),
                             torch.tensor([self.rollouts, self.repeating, self.generated_tokens], dtype=torch.float64,
                                          device=device)])
         if accelerator.num_processes > 1:
@@ -119,7 +132,8 @@ class StepMeter:
             step=step, horizon=horizon, kl_sums=values[:L], kl_counts=values[L:2 * L],
             signal_sums=values[2 * L:3 * L] if with_signal else None,
             rollouts=int(values[-3]), repeating=int(values[-2]), generated_tokens=int(values[-1]),
-            decode_iterations=int(max(values[-3 - world:-3])),
+            decode_iterations=int(max(values[-3 - len(COUNTERS) - world:-3 - len(COUNTERS)])),
+            counts={name: int(v) for name, v in zip(COUNTERS, values[-3 - len(COUNTERS):-3], strict=True)},
         )
         self.__init__(self.length)
         return record
@@ -135,10 +149,12 @@ class CostLedger:
     - `teacher_scored_tokens`: tokens a teacher server scored (its bill, evaluation requests included); 0 with a
       local teacher.
     - `steps`: optimizer steps so far.
+    - the `COUNTERS` (prompts started, prefill tokens, tokens the student encoded with and without grad, tokens a
+      local teacher encoded): what each forward encoded, to price a machine from counts.
 
     Evaluation rollouts are not training cost: apart from the server's bill, they are not counted here."""
 
-    FIELDS = ("steps", "decode_iterations", "generated_tokens", "trained_tokens", "teacher_scored_tokens")
+    FIELDS = ("steps", "decode_iterations", "generated_tokens", "trained_tokens", "teacher_scored_tokens") + COUNTERS
 
     def __init__(self):
         for name in self.FIELDS:
@@ -149,6 +165,8 @@ class CostLedger:
         self.decode_iterations += record.decode_iterations
         self.generated_tokens += record.generated_tokens
         self.trained_tokens += int(round(sum(record.kl_counts)))
+        for name, value in record.counts.items():
+            setattr(self, name, getattr(self, name) + value)
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.FIELDS}
@@ -159,7 +177,7 @@ class CostLedger:
 
     def metrics(self) -> dict[str, float]:
         """Cumulative figures for the training log (`horizon/decode_iterations`, ...)."""
-        out = {f"horizon/{name}": float(getattr(self, name)) for name in self.FIELDS[1:4]}
+        out = {f"horizon/{name}": float(getattr(self, name)) for name in self.FIELDS[1:4] + COUNTERS}
         out["teacher/scored_tokens"] = float(self.teacher_scored_tokens)
         return out
 

@@ -391,9 +391,11 @@ def check_max_model_len(trainer, client: RemoteTeacher) -> None:
 
 def _longest_prompt(trainer) -> tuple[int, str | None]:
     """Tokens of the longest prompt (tokenized as TRL does for generation) among the first `PROMPT_SCAN_LIMIT` of
-    the train and eval datasets, and which one it is; `(1, None)` when none can be measured (no sized dataset, or a
-    VLM, whose prompts grow with their images)."""
+    the train and eval datasets (map-style or streamed), and which one it is; `(1, None)` when none can be measured
+    (no dataset, or a VLM, whose prompts grow with their images)."""
     from trl import DistillationTrainer
+
+    from .data import first_prompts
 
     if getattr(trainer, "_is_vlm", False):
         return 1, None
@@ -404,12 +406,9 @@ def _longest_prompt(trainer) -> tuple[int, str | None]:
     )
     longest, where = 1, None
     for name, dataset in datasets:
-        try:
-            count = min(len(dataset), PROMPT_SCAN_LIMIT)
-        except TypeError:  # None, or an iterable dataset
-            continue
-        for start in range(0, count, 64):
-            prompts = [dataset[i]["prompt"] for i in range(start, min(start + 64, count))]
+        head = first_prompts(dataset, PROMPT_SCAN_LIMIT)  # a stream's first rows too: it is peeked, not consumed
+        for start in range(0, len(head), 64):
+            prompts = head[start:start + 64]
             # TRL's tokenization of fresh prompts, not a subclass's (which may read state not built yet)
             lengths = [len(ids) for ids in DistillationTrainer._tokenize_prompts(trainer, prompts)[0]]
             if max(lengths) > longest:

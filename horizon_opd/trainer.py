@@ -6,11 +6,13 @@ from typing import NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
+from torch.utils.data import DataLoader
 from transformers import DynamicCache, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import DistillationTrainer
 
 from .config import HorizonOPDConfig
+from .data import check_datasets
 from .export import add_distillation_section, distillation_section, model_id, require_hub_token
 from .horizon import HorizonPolicy, horizon_at
 from .loss import (
@@ -26,8 +28,9 @@ from .loss import (
     topk_disagreement_per_token,
     topk_reverse_kl_per_token,
 )
+from . import kv_cache
 from .monitor import CollapseAlarm, CostLedger, LogWindow, StepMeter
-from .rollout import RolloutPool
+from .rollout import PromptStream, RolloutPool
 from .remote_teacher import RemoteTeacher, attach_teacher_server, connect_teacher_server
 from .teacher import attach_teacher, load_teacher, register_student_head_for_zero3, vocab_slice
 
@@ -45,7 +48,8 @@ MULTIMODAL_KEYS = (
 )
 # Where the horizon policy's state, the alarm's and the global token count live in a checkpoint's trainer_state.json.
 STATE_KEY = "HorizonOPDTrainer"
-# Each rank's rollouts in flight (horizon="rolling") live in their own file of the checkpoint: rollout_pool_{rank}.json.
+# Each rank's rollouts in flight (horizon="rolling") and its place in the prompt stream live in their own file of the
+# checkpoint: rollout_pool_{rank}.json.
 POOL_FILE = "rollout_pool_{}.json"
 
 
@@ -106,8 +110,7 @@ class HorizonOPDTrainer(DistillationTrainer):
                 f"tools with horizon={args.horizon!r}: a tool-calling rollout spans several generations, each of which "
                 f"would get the whole horizon. Use horizon='full' with tools."
             )
-        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            check_prompt_dataset(dataset, name)
+        check_datasets(train_dataset, eval_dataset, args)
         if peft_config is not None and not isinstance(model, str) and is_peft_model(model):
             raise ValueError(
                 f"model is already a PeftModel (adapters {list(model.peft_config)}) and peft_config asks for another "
@@ -140,11 +143,20 @@ class HorizonOPDTrainer(DistillationTrainer):
         self.horizon_history: list[int] = []  # the horizon of every optimizer step so far
         self._step_horizon = None
         self.rollout_pool: RolloutPool | None = None  # rollouts in flight across steps (horizon="rolling")
+        self.prompt_stream: PromptStream | None = None  # where the pool's freed slots draw their prompts
+        self.teacher_cache: kv_cache.TeacherSlotCache | None = None  # the teacher's keys and values per slot
         if args.horizon == "rolling":
             self.rollout_pool = RolloutPool(
                 num_slots=args.per_device_train_batch_size * args.gradient_accumulation_steps,
                 chunk=horizon_at(0, 1, self.horizon_policy), max_tokens=min(L, args.rollout_max_tokens or L),
-                eos_token_ids=list(self.eos_token_ids))
+                eos_token_ids=list(self.eos_token_ids), warmup=args.rolling_warmup)
+            if self.train_dataset is not None:
+                self.prompt_stream = PromptStream(self.train_dataset, rank=self.accelerator.process_index,
+                                                  world_size=self.accelerator.num_processes,
+                                                  shuffle=self.shuffle_dataset, seed=args.seed)
+            if args.rolling_teacher_cache and self.teacher_model is not None and kv_cache.supports(
+                    self.accelerator.unwrap_model(self.teacher_model).config):
+                self.teacher_cache = kv_cache.TeacherSlotCache()
         self.add_callback(_RestoreHorizonState(self))
 
     # ----------------------------------------------------------------------------------------------- horizon
@@ -168,6 +180,8 @@ class HorizonOPDTrainer(DistillationTrainer):
                 horizon = min(horizon, self.args.rollout_max_tokens)
             self._step_horizon = horizon
         self._set_generation_limit(horizon)
+        if self.model.training:
+            self._meters["train"].count("prefill_tokens", sum(len(ids) for ids in prompt_ids))
         completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         if self._rolls():  # prompt_ids are the slots' contexts (`_tokenize_prompts`): each rollout gains one chunk
             self._meters["train"].add_generation(completion_ids)
@@ -188,37 +202,67 @@ class HorizonOPDTrainer(DistillationTrainer):
         """Whether this generation continues rollouts in flight (training with horizon="rolling")."""
         return self.rollout_pool is not None and self.model.training
 
+    def get_train_dataloader(self):
+        """With rolling rollouts the prompts come from `prompt_stream`, one per freed slot, so the Trainer's loop only
+        needs a clock: one placeholder batch per micro-batch, `max_steps` steps long (the config requires max_steps
+        for rolling: how many steps an epoch of prompts takes depends on the rollouts' lengths)."""
+        if self.rollout_pool is None:
+            return super().get_train_dataloader()
+        ticks = self.args.max_steps * self.args.gradient_accumulation_steps
+        return DataLoader(range(ticks), batch_size=1, collate_fn=lambda ticks: [{"tick": t} for t in ticks])
+
     def _tokenize_prompts(self, prompts: list):
         """With rolling rollouts, generation reads each slot's context (prompt + the chunks it generated so far)
-        instead of the fresh prompt; a free slot takes the fresh prompt at its index. The first step seeds the slots at
-        staggered depths from one prefix per prompt (`RolloutPool.seed`)."""
-        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        instead of a prompt: `prompts` are the slots' rows' prompts (`_generate_and_score_completions`), and only the
+        slots started this step are tokenized. With `rolling_warmup="prefix"` the first step also generates the seed
+        prefixes (`RolloutPool.seed`)."""
         if not self._rolls():
-            return prompt_ids, images, multimodal_fields
+            return super()._tokenize_prompts(prompts)
         pool, step = self.rollout_pool, self.state.global_step
-        if not pool.seeded:
-            prefixes = [[] for _ in prompt_ids]
-            if pool.seed_prefix_tokens() > 0:
-                self._set_generation_limit(pool.seed_prefix_tokens())
-                prefixes = super()._generate_single_turn(prompt_ids, images, multimodal_fields)
-                self._meters["train"].add_generation(prefixes)  # the seed is decode cost of step 0
-            pool.seed(prompt_ids, prefixes, step)
-        contexts = pool.contexts(prompt_ids, step)
+        fresh_ids, images, multimodal_fields = [], None, {}
+        if pool.fresh:
+            fresh_ids, images, multimodal_fields = super()._tokenize_prompts([prompts[i] for i in pool.fresh])
+        if images is not None or multimodal_fields:
+            raise NotImplementedError("horizon='rolling' keeps each rollout as token ids across steps, so images are "
+                                      "not carried from one chunk to the next; use horizon='truncated' with images.")
+        contexts = pool.contexts(fresh_ids, step)
+        if pool.needs_prefixes():
+            self._set_generation_limit(pool.seed_prefix_tokens())
+            prefixes = super()._generate_single_turn(contexts, None, {})
+            self._meters["train"].add_generation(prefixes)  # the seed is decode cost of step 0
+            self._meters["train"].count("prefill_tokens", sum(len(ids) for ids in contexts))
+            pool.seed(prefixes, step)
+            contexts = pool.contexts([], step)
         for key, value in pool.stats(step).items():
             self._metrics["train"][key].append(value)
-        return contexts, images, multimodal_fields
+        return contexts, None, {}
 
     def _generate_and_score_completions(self, inputs):
+        if self._rolls():  # the step's rows are the slots' rows; freed slots draw the next prompts of the stream
+            if self.prompt_stream is None:
+                raise ValueError("horizon='rolling' trains on rollouts of train_dataset's prompts: pass a train_dataset.")
+            if self.teacher_cache is not None:  # the last step's losses are done: its finished rollouts' keys can go
+                self.teacher_cache.drop(self.rollout_pool.finished_slots)
+            started = self.rollout_pool.fill(self.prompt_stream.next)
+            self._meters["train"].count("prompts_started", len(started))
+            inputs = self.rollout_pool.rows()
+        elif self.model.training:
+            self._meters["train"].count("prompts_started", len(inputs))
         batch = super()._generate_and_score_completions(inputs)
-        if self._rolls():  # where each chunk starts in its rollout; travels with its row through TRL's shuffle and split
-            batch["completion_offsets"] = torch.tensor(self.rollout_pool.offsets, device=batch["completion_ids"].device)
+        if self._rolls():  # where each chunk starts in its rollout, and its slot: they travel with the row through
+            # TRL's shuffle and split
+            device = batch["completion_ids"].device
+            batch["completion_offsets"] = torch.tensor(self.rollout_pool.offsets, device=device)
+            batch["rollout_slots"] = torch.arange(self.rollout_pool.num_slots, device=device)
         return batch
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)  # called on every rank: each saves its own rollouts in flight beside it
         if self.rollout_pool is not None:
+            state = {**self.rollout_pool.state_dict(),
+                     "stream": self.prompt_stream.state_dict() if self.prompt_stream is not None else None}
             with open(os.path.join(output_dir, POOL_FILE.format(self.args.process_index)), "w") as f:
-                json.dump(self.rollout_pool.state_dict(), f)
+                json.dump(state, f)
 
     def _load_rng_state(self, checkpoint):
         super()._load_rng_state(checkpoint)
@@ -229,7 +273,12 @@ class HorizonOPDTrainer(DistillationTrainer):
                                         f"{self.args.process_index}. Resume a horizon='rolling' run from a checkpoint "
                                         f"it wrote, with the same number of processes.")
             with open(path) as f:
-                self.rollout_pool.load_state_dict(json.load(f))
+                state = json.load(f)
+            self.rollout_pool.load_state_dict(state)
+            if self.prompt_stream is not None and state.get("stream") is not None:
+                self.prompt_stream.load_state_dict(state["stream"])
+            if self.teacher_cache is not None:  # rebuilt from the contexts at the next step (same values)
+                self.teacher_cache.clear()
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -265,6 +314,10 @@ class HorizonOPDTrainer(DistillationTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        if mode == "eval" and not self._meters["eval"].rollouts:
+            # train()'s closing summary, still in eval mode after a last-step evaluation: no evaluation to report (TRL
+            # adds nothing there either), and an empty one must not reach the alarm
+            return super().log(logs, start_time)
         if mode == "eval":  # evaluation has no optimizer step: its rollouts, all at L, are gathered here
             record = self._meters["eval"].finish(self.state.global_step, self.args.max_completion_length,
                                                  self.accelerator)
@@ -324,12 +377,14 @@ class HorizonOPDTrainer(DistillationTrainer):
         multimodal_inputs = {k: inputs[k] for k in MULTIMODAL_KEYS if k in inputs}
 
         offsets = inputs.get("completion_offsets")
+        meter = self._meters["train" if self.model.training else "eval"]
         if offsets is not None and self.model.training:  # a rolled chunk: its context runs without grad
             student_hidden = self._rolled_hidden_state(unwrapped_student, input_ids, attention_mask, num_positions)
         else:
             student_hidden = self._get_last_hidden_state(
                 unwrapped_student, input_ids, attention_mask, num_positions, **multimodal_inputs
             )  # (B, K, H_s)
+            meter.count("student_grad_tokens", attention_mask.sum())
         student_head = unwrapped_student.get_output_embeddings()
         device = student_head.weight.device
         s_weight, s_bias = vocab_slice(student_head, self.shared_vocab_size)
@@ -341,7 +396,8 @@ class HorizonOPDTrainer(DistillationTrainer):
         targets = completion_ids.reshape(-1).to(device)[rows]  # (N,)
         if self.remote_teacher is None:
             per_token, entropy, signal, student_logprobs, teacher_logprobs = self._local_teacher_terms(
-                student, targets, rows, input_ids, attention_mask, num_positions, multimodal_inputs)
+                student, targets, rows, input_ids, attention_mask, num_positions, multimodal_inputs,
+                inputs.get("rollout_slots") if self.model.training else None)
         else:
             per_token, entropy, signal, student_logprobs, teacher_logprobs = self._remote_teacher_terms(
                 student, targets, rows, inputs)
@@ -358,7 +414,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         per_token, entropy, signal = to_grid(per_token), to_grid(entropy), to_grid(signal)
         if self.args.loss_type == "sequence":  # the reward-to-go runs along each rollout: it needs (B, K)
             per_token = sequence_kl_per_token(to_grid(student_logprobs), to_grid(teacher_logprobs), mask)
-        self._meters["train" if self.model.training else "eval"].add_tokens(per_token, mask, signal, offsets)
+        meter.add_tokens(per_token, mask, signal, offsets)
         loss = masked_token_mean(per_token, mask, num_items_in_batch)
         return loss, (entropy.detach() * mask).sum(), mask.sum()
 
@@ -377,8 +433,12 @@ class HorizonOPDTrainer(DistillationTrainer):
             unwrapped_model = unwrapped_model.base_model.model
         backbone = unwrapped_model.base_model
         split = input_ids.size(1) - num_positions - 1  # context tokens before its last one
+        meter = self._meters["train"]
         if split < 1:
+            meter.count("student_grad_tokens", attention_mask.sum())
             return self._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, num_positions)
+        meter.count("student_nograd_tokens", attention_mask[:, :split].sum())
+        meter.count("student_grad_tokens", attention_mask[:, split:].sum())
         cache = DynamicCache(config=unwrapped_model.config)
         with torch.no_grad():
             backbone(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split], cache=cache,
@@ -396,17 +456,26 @@ class HorizonOPDTrainer(DistillationTrainer):
         return hidden[:, :-1, :]  # the last position predicts past the chunk
 
     def _local_teacher_terms(self, student, targets, rows, input_ids, attention_mask, num_positions,
-                             multimodal_inputs):
+                             multimodal_inputs, slots=None):
         """Per trained position (N,): the loss term, the student's entropy, the policy's signal (or None) and, for
-        the sampled-token losses, both log-probs of the actual tokens; the teacher is the local model."""
+        the sampled-token losses, both log-probs of the actual tokens; the teacher is the local model. `slots`: each
+        row's rolling slot, whose cached context the teacher does not re-encode (`teacher_cache`)."""
         # The teacher backbone goes through its own wrapper, as in TRL, so DeepSpeed materializes its shards.
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        meter = self._meters["train" if self.model.training else "eval"]
         with torch.no_grad():
-            teacher_hidden = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher, input_ids,
-                attention_mask, num_positions, **multimodal_inputs,
-            )  # (B, K, H_t)
+            if slots is not None and self.teacher_cache is not None:
+                teacher_hidden, encoded = self._forward_redirection(
+                    self.teacher_model, unwrapped_teacher, self._cached_teacher_hidden_state, unwrapped_teacher,
+                    input_ids, attention_mask, num_positions, slots)
+                meter.count("teacher_tokens", encoded)
+            else:
+                teacher_hidden = self._forward_redirection(
+                    self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher, input_ids,
+                    attention_mask, num_positions, **multimodal_inputs,
+                )  # (B, K, H_t)
+                meter.count("teacher_tokens", attention_mask.sum())
         t_weight, t_bias = vocab_slice(unwrapped_teacher.get_output_embeddings(), self.shared_vocab_size)
         t_post = logit_postprocessing(unwrapped_teacher.config)
         h_t = teacher_hidden.to(targets.device).reshape(-1, teacher_hidden.size(-1))[rows]  # (N, H_t)
@@ -433,6 +502,17 @@ class HorizonOPDTrainer(DistillationTrainer):
                                                  student_bias=s_bias, teacher_bias=t_bias, student_post=s_post,
                                                  teacher_post=t_post)
         return per_token, entropy, signal, student_logprobs, teacher_logprobs
+
+    def _cached_teacher_hidden_state(self, unwrapped_teacher, input_ids, attention_mask, num_positions, slots):
+        """As `_get_last_hidden_state` for the teacher on rolled chunks (B, K, H_t), encoding only what each slot's
+        cache has not seen; returns it with the number of tokens encoded."""
+        if is_peft_model(unwrapped_teacher):
+            unwrapped_teacher = unwrapped_teacher.base_model.model
+        completion_mask = attention_mask[:, -num_positions:]
+        sequences = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        return self.teacher_cache.hidden_states(
+            unwrapped_teacher.base_model, unwrapped_teacher.config, sequences, slots.tolist(),
+            completion_mask.sum(1).tolist(), num_positions, pad_id=self._tokenizer.pad_token_id)
 
     def _remote_teacher_terms(self, student, targets, rows, inputs):
         """As `_local_teacher_terms`, with the teacher's log-probs from the server: the actual tokens' for the
@@ -504,28 +584,3 @@ class _RestoreHorizonState(TrainerCallback):
         if saved and state.global_step > 0:
             self.trainer.load_horizon_state(saved["attributes"])
 
-
-def check_prompt_dataset(dataset, name: str) -> None:
-    """Fail at construction, naming the columns found, when a dataset has no usable `prompt` column."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, value in dataset.items():
-            check_prompt_dataset(value, f"{name}[{key!r}]")
-        return
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and "prompt" not in columns:
-        raise ValueError(
-            f"{name} has no 'prompt' column (found columns: {list(columns)}). HorizonOPDTrainer needs prompt-only "
-            f"data: rename the column holding prompts to 'prompt', e.g. dataset.rename_column('question', 'prompt')."
-        )
-    if columns is None or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
-        return
-    prompt = dataset[0]["prompt"]
-    is_messages = isinstance(prompt, list) and len(prompt) > 0 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
-    if not (isinstance(prompt, str) or is_messages):
-        raise ValueError(
-            f"{name}['prompt'][0] is a {type(prompt).__name__} ({str(prompt)[:80]!r}); a prompt must be a string or "
-            f"a list of chat messages like [{{'role': 'user', 'content': '...'}}]."
-        )

@@ -229,10 +229,11 @@ def test_script_methods_are_valid_configs_and_the_matched_baseline_trains_on_few
     module = _load_script()
     for key in module.METHODS:
         config = HorizonOPDConfig(output_dir=str(tmp_path), max_completion_length=256, report_to="none",
-                                  **module.config_fields(key))
+                                  max_steps=20, **module.config_fields(key))
         assert config.horizon_policy().max_completion_length == 256
-    assert {key: module.method_batch_size(key, 4) for key in ("opd", "opd-matched0.1", "topd0.1")} == \
-        {"opd": 4, "opd-matched0.1": 1, "topd0.1": 4}
+    assert {key: module.method_batch_size(key, 4) for key in ("opd", "opd-matched0.1", "topd0.1", "rolling-wide0.1",
+                                                              "topd-wide0.1")} == \
+        {"opd": 4, "opd-matched0.1": 1, "topd0.1": 4, "rolling-wide0.1": 40, "topd-wide0.1": 40}
     assert module.method_batch_size("opd-matched0.1", 16) == 2
     assert module.config_fields("topd-n100") == {"horizon": "full", "rollout_max_tokens": 100}
     assert module.config_fields("rolling0.1") == {"horizon": "rolling", "truncation_ratio": 0.1}

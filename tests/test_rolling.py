@@ -9,39 +9,71 @@ from datasets import Dataset
 from testing_utils import logged, logged_in, make_args, record_generations
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
-from horizon_opd.rollout import RolloutPool
+from horizon_opd.rollout import PromptStream, RolloutPool
 
 EOS = 2
 
 
 # ----------------------------------------------------------------------------------------------- the pool by hand
+def _draws(*prompts):
+    """A prompt stream by hand: each draw is the next row."""
+    rows = iter([{"prompt": p} for p in prompts])
+    return lambda: next(rows)
+
+
 def test_pool_advances_chunks_frees_slots_at_eos_and_at_the_limit():
-    pool = RolloutPool(num_slots=3, chunk=2, max_tokens=5, eos_token_ids=[EOS])
+    pool = RolloutPool(num_slots=3, chunk=2, max_tokens=5, eos_token_ids=[EOS], warmup="prefix")
     assert pool.num_chunks == 3
-    pool.seed([[10], [11], [12]], [[], [], []], step=0)  # empty prefixes: every slot starts at depth 0
+    draw = _draws("a", "b", "c", "d", "e")
+    assert pool.fill(draw) == [0, 1, 2] and [r["prompt"] for r in pool.rows()] == ["a", "b", "c"]
+    pool.seed([[], [], []], step=0)  # empty prefixes: every slot starts at depth 0
     assert pool.contexts([[10], [11], [12]], step=0) == [[10], [11], [12]] and pool.offsets == [0, 0, 0]
     assert pool.advance([[5, 6], [7, EOS], [8, 9]], step=0) == [[5, 6], [7, EOS], [8, 9]]
-    assert pool.finished == [[7, EOS]]  # EOS ends slot 1's rollout
-    # slot 1 takes the step's fresh prompt at its index; the others continue from their context
-    assert pool.contexts([[20], [21], [22]], step=1) == [[10, 5, 6], [21], [12, 8, 9]]
+    assert pool.finished == [[7, EOS]] and pool.finished_slots == [1]  # EOS ends slot 1's rollout
+    # only the freed slot draws a prompt (the next one of the stream); the others continue from their context
+    assert pool.fill(draw) == [1] and [r["prompt"] for r in pool.rows()] == ["a", "d", "c"]
+    assert pool.contexts([[21]], step=1) == [[10, 5, 6], [21], [12, 8, 9]]
     assert pool.offsets == [2, 0, 2]
     pool.advance([[3, 4], [1, 1], [EOS, 0]], step=1)  # slot 2 stops; the token after EOS is kept in the chunk
     assert pool.finished == [[8, 9, EOS, 0]]
-    assert pool.contexts([[30], [31], [32]], step=2) == [[10, 5, 6, 3, 4], [21, 1, 1], [32]]
+    assert pool.fill(draw) == [2]
+    assert pool.contexts([[32]], step=2) == [[10, 5, 6, 3, 4], [21, 1, 1], [32]]
     assert pool.stats(step=2)["rolling/max_context_staleness"] == 2.0  # slot 0's oldest chunk was written at step 0
     # slot 0 has 1 token left of max_tokens = 5: its chunk is cut there and the rollout ends
     assert pool.advance([[7, 7], [6, 6], [4, 4]], step=2) == [[7], [6, 6], [4, 4]]
     assert pool.finished == [[5, 6, 3, 4, 7]]
+    with pytest.raises(ValueError, match="1 tokenized prompts for 0 fresh slots"):
+        pool.contexts([[1]], step=3)
 
 
-def test_pool_seeds_depths_evenly_and_stops_a_seed_prefix_at_its_eos():
-    pool = RolloutPool(num_slots=6, chunk=2, max_tokens=6, eos_token_ids=[EOS])  # n = 3 chunks
+def test_cut_warmup_ends_first_rollouts_early_so_depths_spread_by_step_n():
+    pool = RolloutPool(num_slots=6, chunk=2, max_tokens=6, eos_token_ids=[EOS])  # n = 3 chunks, warm-up "cut"
     assert [pool.seed_depth(i) for i in range(6)] == [0, 0, 1, 1, 2, 2]
+    draw = _draws(*"abcdefghijklmnop")
+    started = []
+    for step in range(3):
+        started.append(pool.fill(draw))
+        pool.contexts([[9]] * len(started[-1]), step)
+        if step == 0:
+            assert pool.offsets == [0] * 6  # nothing generated in advance: all start at depth 0
+        pool.advance([[1, 1]] * 6, step)
+    # slots 4, 5 (depth 2) ran 1 chunk, slots 2, 3 ran 2, slots 0, 1 ran all 3 before their first rollout ended
+    assert started == [[0, 1, 2, 3, 4, 5], [4, 5], [2, 3]]
+    pool.contexts([[9]] * len(pool.fill(draw)), 3)
+    assert pool.offsets == [0, 0, 2, 2, 4, 4]  # by step n the depths are spread as the prefix warm-up's
+    assert pool.num_chunks == 3 and [s.budget for s in pool.slots] == [6] * 6  # later rollouts run their whole budget
+
+
+def test_prefix_warmup_seeds_depths_evenly_and_stops_a_seed_prefix_at_its_eos():
+    pool = RolloutPool(num_slots=6, chunk=2, max_tokens=6, eos_token_ids=[EOS], warmup="prefix")  # n = 3 chunks
     assert pool.seed_prefix_tokens() == 4
+    pool.fill(_draws(*"abcdef"))
+    assert pool.needs_prefixes()
     prefixes = [[1, 1, 1, 1]] * 5 + [[3, EOS, 0, 0]]  # slot 5's prefix stops in its first chunk
-    pool.seed([[i] for i in range(6)], prefixes, step=0)
-    pool.contexts([[9]] * 6, step=0)
-    assert pool.offsets == [0, 0, 2, 2, 4, 0]
+    pool.contexts([[i] for i in range(6)], step=0)
+    pool.seed(prefixes, step=0)
+    pool.contexts([], step=0)
+    assert pool.offsets == [0, 0, 2, 2, 4, 0] and not pool.needs_prefixes()
     assert pool.stats(step=0)["rolling/fresh_share"] == 0.5
     # fewer slots than chunks: depths still spread over the rollout
     assert [RolloutPool(4, 1, 10, [EOS]).seed_depth(i) for i in range(4)] == [0, 2, 5, 7]
@@ -49,16 +81,40 @@ def test_pool_seeds_depths_evenly_and_stops_a_seed_prefix_at_its_eos():
 
 def test_pool_state_round_trips_and_refuses_another_shape():
     pool = RolloutPool(num_slots=2, chunk=2, max_tokens=4, eos_token_ids=[EOS])
-    pool.seed([[1], [2]], [[], []], step=0)
+    pool.fill(_draws("a", "b"))
     pool.contexts([[1], [2]], step=0)
     pool.advance([[5, 6], [7, 8]], step=0)
     restored = RolloutPool(num_slots=2, chunk=2, max_tokens=4, eos_token_ids=[EOS])
     restored.load_state_dict(pool.state_dict())
-    assert restored.contexts([[3], [4]], step=1) == pool.contexts([[3], [4]], step=1) == [[1, 5, 6], [2, 7, 8]]
+    assert restored.rows() == pool.rows() == [{"prompt": "a"}, None]  # slot 1 was cut by the warm-up (budget 2)
+    for p in (pool, restored):
+        p.fill(_draws("c"))
+    assert restored.contexts([[3]], step=1) == pool.contexts([[3]], step=1) == [[1, 5, 6], [3]]
     with pytest.raises(ValueError, match=r"\(slots, chunk, max_tokens\) = \(2, 2, 4\), this run \(2, 3, 4\)"):
         RolloutPool(num_slots=2, chunk=3, max_tokens=4, eos_token_ids=[EOS]).load_state_dict(pool.state_dict())
-    with pytest.raises(ValueError, match="3 prompts for 2 rollout slots"):
-        pool.contexts([[1], [2], [3]], step=1)
+    with pytest.raises(ValueError, match="3 sequences for 2 rollout slots"):
+        pool.advance([[1], [2], [3]], step=1)
+
+
+# ----------------------------------------------------------------------------------------------- the prompt stream
+@pytest.mark.parametrize("streaming", [False, True])
+def test_stream_gives_every_row_once_per_epoch_split_over_ranks_and_resumes(streaming):
+    data = Dataset.from_dict({"prompt": [str(i) for i in range(10)]})
+    source = data.to_iterable_dataset() if streaming else data
+    ranks = [PromptStream(source, rank=r, world_size=2, seed=3) for r in range(2)]
+    epochs = [[ranks[r].next()["prompt"] for _ in range(5)] for r in range(2)]
+    assert sorted(epochs[0] + epochs[1], key=int) == [str(i) for i in range(10)]  # each row once, over the ranks
+    assert ranks[0].state_dict() == {"epoch": 0, "position": 5}
+    second = [[ranks[r].next()["prompt"] for _ in range(5)] for r in range(2)]
+    assert ranks[0].state_dict() == {"epoch": 1, "position": 5}
+    assert sorted(second[0] + second[1], key=int) == [str(i) for i in range(10)]
+    if not streaming:  # another permutation each epoch (a stream's order follows its shuffle buffer)
+        assert second != epochs
+    resumed = PromptStream(source, rank=0, world_size=2, seed=3)
+    resumed.load_state_dict({"epoch": 0, "position": 2})
+    assert [resumed.next()["prompt"] for _ in range(3)] == epochs[0][2:]
+    ordered = PromptStream(source, shuffle=False)
+    assert [ordered.next()["prompt"] for _ in range(3)] == ["0", "1", "2"]
 
 
 # ----------------------------------------------------------------------------------------------- in the trainer
@@ -88,28 +144,54 @@ def test_rolling_trains_each_chunk_at_its_true_positions_at_a_chunks_decode_cost
             for k, m in enumerate(row):
                 counts[offset + k] += m
         assert record.kl_counts == counts
-    assert sorted(set(batches[0]["completion_offsets"].tolist())) == [0, 4, 8, 12]  # depth mix from step 0
+    # the "cut" warm-up: every slot starts at depth 0, nothing is generated in advance; depths spread as first
+    # rollouts end early
+    assert batches[0]["completion_offsets"].tolist() == [0] * 8
+    assert len({o for b in batches[3:] for o in b["completion_offsets"].tolist()}) >= 3
     assert max(sum(r.kl_counts[12:]) for r in records) > 0  # the last quarter of L is trained
-    # a step decodes one chunk; step 0 also decodes the seed prefixes (12 tokens for depths up to 3 chunks)
-    assert [r.decode_iterations for r in records] == [12 + chunk] + [chunk] * 5
-    assert trainer.cost.decode_iterations == 12 + 6 * chunk
+    assert [r.decode_iterations for r in records] == [chunk] * 6  # a step decodes one chunk
+    started = [r.counts["prompts_started"] for r in records]
+    assert started[0] == 8 and trainer.cost.prompts_started == sum(started)
+    assert trainer.cost.student_nograd_tokens > 0 and trainer.cost.teacher_tokens > 0
     staleness = logged(trainer, "rolling/max_context_staleness")
     assert staleness[0] == 0 and max(staleness) <= L // chunk - 1
     assert logged(trainer, "horizon/kl_span")[-1] == L
 
 
+def test_prefix_warmup_spreads_depths_from_step_0_for_the_seed_prefixes_decode_cost(tmp_path, student, teacher,
+                                                                                     tokenizer, prompts):
+    trainer = _rolling(tmp_path, student, teacher, tokenizer, prompts, rolling_warmup="prefix", max_steps=3)
+    batches = record_generations(trainer)
+    trainer.train()
+    assert sorted(set(batches[0]["completion_offsets"].tolist())) == [0, 4, 8, 12]  # depth mix from step 0
+    # step 0 also decodes the seed prefixes (12 tokens for depths up to 3 chunks)
+    assert logged(trainer, "horizon/step_decode_iterations") == [12 + 4, 4, 4]
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_rolled_chunks_loss_equals_the_same_tokens_loss_from_one_full_forward(checkpointing, tmp_path, student,
                                                                                 teacher, tokenizer, prompts):
-    trainer = _rolling(tmp_path, student, teacher, tokenizer, prompts, gradient_checkpointing=checkpointing)
+    trainer = _rolling(tmp_path, student, teacher, tokenizer, prompts, gradient_checkpointing=checkpointing,
+                       rolling_warmup="prefix")
     trainer.model.train()
-    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts["prompt"][:8]])
-    assert batch["completion_offsets"].max() > 0  # some rows continue a rollout: their context has a prefix
-    full = {k: v for k, v in batch.items() if k != "completion_offsets"}  # no offsets: TRL's one full forward
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    rolled_loss = trainer._compute_loss(unwrapped, batch, batch["num_items_in_batch"])[0]
-    full_loss = trainer._compute_loss(unwrapped, full, full["num_items_in_batch"])[0]
-    assert rolled_loss.item() == pytest.approx(full_loss.item(), abs=1e-5)
+    counts = trainer._meters["train"].counts
+    for step in range(2):  # step 1's teacher reads the keys and values its slots stored at step 0
+        trainer.state.global_step = step
+        batch = trainer._generate_and_score_completions(None)
+        assert batch["completion_offsets"].max() > 0  # some rows continue a rollout: their context has a prefix
+        # without offsets and slots: TRL's one full forward, for the student and the teacher
+        full = {k: v for k, v in batch.items() if k not in ("completion_offsets", "rollout_slots")}
+        before = counts["teacher_tokens"]
+        rolled_loss = trainer._compute_loss(unwrapped, batch, batch["num_items_in_batch"])[0]
+        cached = counts["teacher_tokens"] - before
+        full_loss = trainer._compute_loss(unwrapped, full, full["num_items_in_batch"])[0]
+        assert rolled_loss.item() == pytest.approx(full_loss.item(), abs=1e-5)
+        encoded = int((batch["prompt_mask"].sum() + batch["completion_mask"].sum()))
+        assert counts["teacher_tokens"] - before - cached == encoded  # the full forward encodes every token
+        if step == 1:  # continuing slots encode their chunk and the context's last token only
+            continuing = sum(1 for s in batch["rollout_slots"].tolist() if s not in trainer.rollout_pool.fresh)
+            assert cached < encoded and continuing > 0
     # the gradient is truncated through the context: the context's keys and values are constants, so it differs
     grads = []
     for loss in (rolled_loss, full_loss):
@@ -136,7 +218,10 @@ def test_resume_mid_rolling_reproduces_the_completions_and_losses(tmp_path, stud
         for key in ("prompt_ids", "completion_ids", "completion_mask", "completion_offsets"):
             assert torch.equal(a[key], b[key]), key
     assert logged(resumed, "loss")[-3:] == pytest.approx(logged(first, "loss")[-3:], abs=1e-6)
-    assert resumed.cost.state_dict() == first.cost.state_dict()
+    ledger, resumed_ledger = first.cost.state_dict(), resumed.cost.state_dict()
+    # the teacher's cached keys and values are not checkpoint state: the resumed run encodes the contexts once more
+    assert resumed_ledger.pop("teacher_tokens") > ledger.pop("teacher_tokens")
+    assert resumed_ledger == ledger
 
 
 @pytest.mark.parametrize("horizon", [{"horizon": "full"}, {"horizon": "rolling", "truncation_ratio": 0.5}])
@@ -158,11 +243,53 @@ def test_rollout_max_tokens_ends_every_rollout_after_n_tokens(horizon, tmp_path,
     (dict(horizon="rolling", loss_type="sequence"), "loss_type='sequence' with horizon='rolling'"),
     (dict(rollout_max_tokens=0), "rollout_max_tokens=0 must be an integer >= 1"),
     (dict(horizon="rolling", truncation_ratio=0.0), "truncation_ratio=0.0 is outside (0, 1]"),
+    (dict(horizon="rolling", num_train_epochs=1), "horizon='rolling' with max_steps=-1 (num_train_epochs=1): "),
+    (dict(rolling_warmup="seeded"), "rolling_warmup='seeded' is unknown; choose one of ['cut', 'prefix']"),
 ])
 def test_bad_rolling_settings_fail_at_construction(settings, message, tmp_path):
     with pytest.raises(ValueError) as error:
         HorizonOPDConfig(output_dir=str(tmp_path), bf16=False, **settings)
     assert message in str(error.value)
+
+
+def test_an_epoch_of_rolling_rolls_out_every_prompt_once_and_drops_none(tmp_path, student, teacher, tokenizer):
+    prompts = Dataset.from_dict({"prompt": [f"{i} + {i + 1} =" for i in range(12)]})
+    # 4 slots, chunks of 4 of L = 16: a step starts a prompt only where a rollout ended
+    trainer = _rolling(tmp_path, student, teacher, tokenizer, prompts, per_device_train_batch_size=2, max_steps=12)
+    drawn = []
+    draw = trainer.prompt_stream.next
+    trainer.prompt_stream.next = lambda: drawn.append(draw()["prompt"]) or {"prompt": drawn[-1]}
+    batches = record_generations(trainer)
+    trainer.train()
+    assert len(drawn) > 12 and sorted(drawn[:12]) == sorted(prompts["prompt"])  # epoch 0: each prompt once, in order
+    assert sorted(drawn[12:24]) == sorted(prompts["prompt"])[:len(drawn[12:24])] or len(set(drawn[12:24])) == \
+        len(drawn[12:24])  # epoch 1 starts over without repeating a prompt within it
+    assert trainer.cost.prompts_started == len(drawn) == sum(logged(trainer, "horizon/prompts_started")[-1:])
+    # every drawn prompt was rolled out: its tokens start some generated row's context
+    contexts = {tuple(p[m.bool()].tolist()) for b in batches for p, m in zip(b["prompt_ids"], b["prompt_mask"])}
+    for text in drawn[:12]:
+        ids = tuple(tokenizer(text)["input_ids"])
+        assert any(c[:len(ids)] == ids for c in contexts), text
+    assert trainer.prompt_stream.state_dict()["epoch"] >= 1
+
+
+def test_rolling_trains_on_a_stream(tmp_path, student, teacher, tokenizer, prompts):
+    trainer = _rolling(tmp_path, student, teacher, tokenizer, prompts.to_iterable_dataset(), max_steps=3)
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.cost.prompts_started >= 8
+
+
+def test_the_teacher_cache_changes_no_loss_and_encodes_fewer_tokens(tmp_path, student, teacher, tokenizer, prompts):
+    runs = []
+    for cache in (True, False):  # built and trained one after the other: each starts from the seeded RNG
+        runs.append(_rolling(tmp_path / str(cache), copy.deepcopy(student), copy.deepcopy(teacher), tokenizer,
+                             prompts, rolling_teacher_cache=cache))
+        runs[-1].train()
+    cached, uncached = runs
+    assert cached.teacher_cache is not None and uncached.teacher_cache is None
+    assert logged(cached, "loss") == pytest.approx(logged(uncached, "loss"), abs=1e-5)
+    assert cached.cost.teacher_tokens < uncached.cost.teacher_tokens
+    assert cached.cost.student_nograd_tokens == uncached.cost.student_nograd_tokens > 0
 
 
 # ----------------------------------------------------------------------------------------------- two ranks, ZeRO-3
@@ -180,7 +307,8 @@ def launch_assets(tmp_path_factory, tokenizer):
 def test_zero3_rolling_ranks_hold_rollouts_at_different_depths_and_resume_exactly(launch_assets):
     from testing_utils import launch_training
 
-    args = dict(max_steps=4, save_steps=2, horizon="rolling", truncation_ratio=0.25)  # L = 8: chunks of 2
+    args = dict(max_steps=4, save_steps=2, horizon="rolling", truncation_ratio=0.25,  # L = 8: chunks of 2
+                rolling_warmup="prefix")  # depths spread from step 0
     common = dict(args=args, eos_rank=1, dataset=str(launch_assets / "prompts64"))
     first = launch_training(launch_assets, "zero3_rolling", "zero3", "student", "teacher", **common)
     deep, stopping = first  # rank 0 samples freely; rank 1's rollouts all stop at their first token (EOS)

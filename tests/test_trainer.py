@@ -215,8 +215,13 @@ def test_cost_accounting_matches_hand_counted_rollouts_with_gradient_accumulatio
     assert len({max(x) for x in lengths}) > 1  # the horizon grows: steps differ in cost
     decode = [max(x) for x in lengths]
     tokens = [sum(x) for x in lengths]
+    prompt_tokens = sum(int(b["prompt_mask"].sum()) for b in batches)
+    encoded = prompt_tokens + sum(tokens)  # one forward per model over prompt + completion, without padding
     assert first.cost.state_dict() == {"steps": 4, "decode_iterations": sum(decode), "generated_tokens": sum(tokens),
-                                       "trained_tokens": sum(tokens), "teacher_scored_tokens": 0}
+                                       "trained_tokens": sum(tokens), "teacher_scored_tokens": 0,
+                                       "prompts_started": 32, "prefill_tokens": prompt_tokens,
+                                       "student_grad_tokens": encoded, "student_nograd_tokens": 0,
+                                       "teacher_tokens": encoded}
     step_logs = [e for e in first.state.log_history if "loss" in e]
     assert [e["horizon/decode_iterations"] for e in step_logs] == [float(sum(decode[:i + 1])) for i in range(4)]
     assert logged(first, "horizon/step_decode_iterations") == [float(d) for d in decode]

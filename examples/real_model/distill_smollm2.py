@@ -76,11 +76,13 @@ from transformers import PrinterCallback, TrainerCallback
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
 from horizon_opd.demo.compare import Method, mean_std
 from horizon_opd.demo.measure import PeakRSS, machine_description, machine_info
+from horizon_opd.monitor import COUNTERS
 from horizon_opd.pretrained import heldout_reverse_kl, load_teacher, prune_layers
 
 # ---- methods: `--methods` names -> (label, HorizonOPDConfig horizon fields); a new policy is one more line ----------
-# `batch_ratio` is the one entry that is not a config field: a token-matched baseline trains on ceil(batch_ratio * B)
-# prompts per step (B = --batch-size), the trained tokens per update of TOPD at that rho, at the full horizon.
+# `batch_ratio` is the one entry that is not a config field: a token-matched method trains on ceil(batch_ratio * B)
+# prompts per step (B = --batch-size): below 1, TOPD's tokens per update at the full horizon (opd-matched); 1 / rho,
+# OPD's tokens per update in chunks of rho L (the wide methods).
 BATCH_RATIO = "batch_ratio"
 METHODS = {
     "opd": ("OPD", {"horizon": "full"}),
@@ -89,6 +91,9 @@ METHODS = {
     # ESR (arXiv 2605.27028): every rollout ends after a fixed N = 100 tokens, whatever L
     "topd-n100": ("TOPD N=100", {"horizon": "full", "rollout_max_tokens": 100}),
     "rolling0.1": ("Rolling rho=0.1", {"horizon": "rolling", "truncation_ratio": 0.1}),
+    # OPD's tokens per update at a chunk's decode iterations: ceil(B / rho) slots or prompts per step
+    "rolling-wide0.1": ("Rolling rho=0.1 wide", {"horizon": "rolling", "truncation_ratio": 0.1, BATCH_RATIO: 10.0}),
+    "topd-wide0.1": ("TOPD rho=0.1 wide", {"horizon": "truncated", "truncation_ratio": 0.1, BATCH_RATIO: 10.0}),
     "popd": ("POPD linear 0.1->1", {"horizon": "progressive", "progressive_schedule": "linear",
                                     "progressive_start_ratio": 0.1, "progressive_ramp_fraction": 0.5}),
     "adaptive": ("Adaptive 0.1..1, probe every 5", {"horizon": "adaptive", "adaptive_min_ratio": 0.1,
@@ -374,6 +379,7 @@ def train_one(key: str, seed: int, student, teacher, tokenizer, train_dataset, e
         "decode_iterations": trainer.cost.decode_iterations,
         "tokens_generated": trainer.cost.generated_tokens,
         "trained_tokens": trainer.cost.trained_tokens,
+        "counts": {name: getattr(trainer.cost, name) for name in COUNTERS},
         "peak_memory_mb": round(callback.peak_mb, 1),
         "peak_memory_increase_mb": round(callback.peak_mb - callback.rss_at_start_mb, 1),
         "rss_at_start_mb": round(callback.rss_at_start_mb, 1),

@@ -22,11 +22,26 @@ def load_demo_models():
             tokenizer)
 
 
-def load_prompt_dataset(path: str, test_fraction: float = 0.1, seed: int = 0):
+def load_prompt_dataset(path: str, test_fraction: float = 0.1, seed: int = 0, streaming: bool = False,
+                        held_out: int = 100):
     """A user's prompt dataset from a `save_to_disk` directory (a DatasetDict with `train`/`test`, or one Dataset that
-    is split here) or a .json/.jsonl file, as a DatasetDict with `train` and `test`."""
+    is split here) or a .json/.jsonl file, as a DatasetDict with `train` and `test`.
+
+    With `streaming=True` a .json/.jsonl file is read as a stream: a dict whose `test` is its first `held_out` rows (a
+    Dataset in memory: evaluation needs a fixed set) and whose `train` is an IterableDataset of the rows after them."""
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+    if streaming:
+        from ..data import check_prompt_dataset
+
+        stream = load_dataset("json", data_files=path, streaming=True)["train"]
+        check_prompt_dataset(stream, path)
+        test = Dataset.from_list(list(stream.take(held_out)))
+        train = stream.skip(held_out)
+        if next(iter(train.take(1)), None) is None:
+            raise ValueError(f"{path} has {len(test)} row(s), all held out for evaluation (the first {held_out}); "
+                             f"it needs more, or hold out fewer (held_out; --eval-size on the command line).")
+        return {"train": train, "test": test}
     if Path(path).is_dir():
         data = load_from_disk(path)
     else:

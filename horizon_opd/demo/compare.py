@@ -21,6 +21,7 @@ from ..callbacks import HeldOutEvalCallback
 from ..config import HorizonOPDConfig
 from ..diagnostics import kl_by_position
 from ..horizon import policy_from_alias, ratio_to_tokens
+from ..monitor import COUNTERS
 from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
 from .measure import PeakRSS, machine_description
@@ -30,12 +31,16 @@ DEFAULT_METHOD_NAMES = ("opd", "opd-matched0.1", "topd0.1", "rolling", "popd", "
 
 # `opd-matched<rho>`: OPD with the prompts per step of a truncated method's tokens per update (ceil(rho * B)).
 MATCHED_PREFIX = "opd-matched"
+# `<method>-wide<rho>` (`rolling-wide0.1`, `topd-wide0.1`): the truncated method on ceil(B / rho) prompts (slots) per
+# step, OPD's tokens per update at a chunk's decode iterations: the other direction of the token-matched comparison.
+WIDE_INFIX = "-wide"
 
 
 @dataclass
 class Method:
     """A named horizon setting: the `HorizonOPDConfig` fields that differ between methods, and for a token-matched
-    baseline the fraction of the prompts per step it trains on (`batch_ratio`: ceil(batch_ratio * B) prompts)."""
+    method the prompts per step it trains on relative to the comparison's B (`batch_ratio`: ceil(batch_ratio * B)
+    prompts; below 1 for `opd-matched<rho>`, 1 / rho for `<method>-wide<rho>`)."""
 
     name: str
     horizon: dict = field(default_factory=dict)
@@ -45,6 +50,8 @@ class Method:
         """Prompts per step for this method when the comparison runs B = `batch_size`."""
         if self.batch_ratio is None:
             return batch_size
+        if self.batch_ratio > 1:  # round first: 1 / 0.1 * 32 is 320.00000000000006
+            return math.ceil(round(self.batch_ratio * batch_size, 6))
         return ratio_to_tokens(self.batch_ratio, batch_size)  # ceil(ratio * B) in [1, B], as horizons are rounded
 
 
@@ -61,6 +68,15 @@ def method(name: str) -> Method:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"{name!r}: the ratio {ratio:g} must be in (0, 1], e.g. {MATCHED_PREFIX}0.1")
         return Method(f"OPD matched rho={ratio:g}", {"horizon": "full"}, batch_ratio=ratio)
+    if WIDE_INFIX in name:
+        base, suffix = name.split(WIDE_INFIX, 1)
+        if base not in ("topd", "rolling") or not suffix:
+            raise ValueError(f"unknown method {name!r}: a wide method is topd{WIDE_INFIX}<rho> or "
+                             f"rolling{WIDE_INFIX}<rho>, e.g. rolling{WIDE_INFIX}0.1")
+        policy_cls, settings = policy_from_alias(base + suffix)
+        ratio = settings["truncation_ratio"]
+        policy = policy_cls(max_completion_length=100, **settings)
+        return Method(f"{policy.label()} wide", {"horizon": policy.name, **settings}, batch_ratio=1 / ratio)
     policy_cls, settings = policy_from_alias(name)
     policy = policy_cls(max_completion_length=100, **settings)  # validates; the label does not depend on L
     return Method(policy.label(), {"horizon": policy.name, **settings})
@@ -123,6 +139,7 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
         "tokens_generated": trainer.cost.generated_tokens,
         "decode_iterations": trainer.cost.decode_iterations,
         "trained_tokens": trainer.cost.trained_tokens,
+        "counts": {name: getattr(trainer.cost, name) for name in COUNTERS},
         "teacher_scored_tokens": trainer.teacher_scored_tokens if trainer.remote_teacher is not None else None,
         "peak_memory_mb": round(memory.peak, 1),
         "curve": curve,

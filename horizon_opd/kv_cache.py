@@ -1,0 +1,111 @@
+"""The teacher's keys and values of each rolling slot, kept across optimizer steps (`horizon="rolling"`).
+
+A rolled chunk's loss needs the teacher's hidden states at the chunk's positions, which attend to the whole context
+(prompt + the rollout's earlier chunks). The teacher is frozen, so a context encodes to the same keys and values at
+every step: `TeacherSlotCache` keeps them per slot, extends them by each step's chunk and runs the teacher only on the
+tokens it has not seen (the chunk, plus the context's last token, whose hidden state predicts the chunk's first
+token). A slot's first chunk runs its whole prompt. Per step the teacher then encodes about chunk + 1 tokens per slot
+instead of context + chunk.
+
+Exactness. Each row is encoded at its true positions 0, 1, ... (the cache is left-padded in the batch, and the new
+tokens get explicit `position_ids`), as `generate` encodes a left-padded prompt. TRL's one-forward path counts the left
+padding in the positions instead; with rotary embeddings attention depends only on position differences, so the two
+agree to float tolerance (tests/test_rolling.py checks the loss to 1e-5). Models with sliding-window or other
+non-growing cache layers are not cached (`supports`), and the trainer falls back to the full forward.
+
+Memory: per slot, context length x layers x 2 x kv_heads x head_dim x the teacher's dtype bytes (`nbytes`), e.g. a
+Qwen2.5-7B teacher (28 layers, 4 kv heads of 128) holds 57 KB per token in bf16: 320 slots at a mean context of 600
+tokens hold 11 GB.
+"""
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def supports(config) -> bool:
+    """Whether a model's cache layers all grow with the sequence (full attention): the ones this cache can hold."""
+    try:
+        cache = DynamicCache(config=config)
+    except Exception:  # noqa: BLE001 - a config transformers cannot build a cache for is simply not cached
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class TeacherSlotCache:
+    """Per slot: the token ids encoded so far and their keys and values, one (kv_heads, T, head_dim) pair per layer."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def drop(self, slots) -> None:
+        """Forget the slots whose rollouts ended (their next rollout starts from another prompt)."""
+        for slot in slots:
+            self.entries.pop(int(slot), None)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for _, layers in self.entries.values() for k, v in layers)
+
+    def cached_length(self, slot: int, sequence: list[int], num_new: int) -> int:
+        """How many leading tokens of `sequence` the slot's entry holds and can serve: its ids must be a prefix of the
+        sequence, and stop before the last `num_new` + 1 tokens (whose hidden states the loss reads). 0 otherwise."""
+        entry = self.entries.get(slot)
+        if entry is None:
+            return 0
+        ids = entry[0]
+        if len(ids) > len(sequence) - num_new - 1 or sequence[:len(ids)] != ids:
+            return 0
+        return len(ids)
+
+    def hidden_states(self, backbone, config, sequences: list[list[int]], slots: list[int], num_new: list[int],
+                      width: int, pad_id: int) -> tuple[torch.Tensor, int]:
+        """The teacher's last hidden states (B, `width`, H) predicting each row's last `num_new[b]` tokens (row b's
+        column k predicts `sequences[b][-num_new[b] + k]`; columns past num_new[b] are zeros), and the tokens encoded.
+
+        Runs `backbone` once, on each row's tokens past its cached prefix, then stores every row's keys and values up
+        to (not including) its last token: the next chunk's context ends with it, and its hidden state is needed
+        again then."""
+        device = next(backbone.parameters()).device
+        cached = [self.cached_length(s, seq, n) for s, seq, n in zip(slots, sequences, num_new, strict=True)]
+        new_lengths = [len(seq) - t for seq, t in zip(sequences, cached, strict=True)]
+        batch, past, width_new = len(sequences), max(cached), max(new_lengths)
+        input_ids = torch.full((batch, width_new), pad_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros(batch, past + width_new, dtype=torch.long, device=device)
+        position_ids = torch.zeros(batch, width_new, dtype=torch.long, device=device)
+        for b, (seq, t, n) in enumerate(zip(sequences, cached, new_lengths, strict=True)):
+            input_ids[b, :n] = torch.tensor(seq[t:], device=device)
+            attention_mask[b, past - t:past + n] = 1  # cache left-padded, new tokens right-padded
+            position_ids[b] = t + torch.arange(width_new, device=device)
+        cache = DynamicCache(config=config)
+        if past > 0:
+            layers = []
+            for layer in range(len(cache.layers)):
+                k0, _ = next(self.entries[s][1][layer] for s, t in zip(slots, cached) if t > 0)
+                keys, values = [], []
+                for slot, t in zip(slots, cached, strict=True):
+                    pad = k0.new_zeros(k0.size(0), past - t, k0.size(2))
+                    k, v = self.entries[slot][1][layer] if t > 0 else (pad[:, :0], pad[:, :0])
+                    keys.append(torch.cat([pad, k], 1))
+                    values.append(torch.cat([pad, v], 1))
+                layers.append((torch.stack(keys), torch.stack(values)))  # (B, kv_heads, past, head_dim)
+            cache = DynamicCache(ddp_cache_data=layers, config=config)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          use_cache=True).last_hidden_state  # (B, width_new, H)
+        out = hidden.new_zeros(batch, width, hidden.size(-1))
+        for b, (slot, seq, t, n, k) in enumerate(zip(slots, sequences, cached, new_lengths, num_new, strict=True)):
+            if k > 0:
+                out[b, :k] = hidden[b, n - k - 1:n - 1]
+            keep = n - 1  # new tokens to store: all but the last
+            stored = [(layer.keys[b, :, past:past + keep], layer.values[b, :, past:past + keep])
+                      for layer in cache.layers]
+            if t > 0:
+                stored = [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1))
+                          for (k0, v0), (k1, v1) in zip(self.entries[slot][1], stored, strict=True)]
+            else:  # copies: a view would keep the whole batch's cache alive
+                stored = [(k.clone(), v.clone()) for k, v in stored]
+            self.entries[slot] = (list(seq[:-1]), stored)
+        return out, sum(new_lengths)
