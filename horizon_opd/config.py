@@ -74,6 +74,12 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
             gives the sizes); `False` re-encodes each context at every step. Models with sliding-window layers are
             never cached.
 
+        rolling_student_cache (`bool`, *optional*, defaults to `True`):
+            With `horizon="rolling"`, the student's loss reads the contexts' keys and values from the step's own
+            generation (the same weights wrote them) instead of re-encoding each context without grad. Holds
+            generation's KV cache until the step's last micro-batch. Not with vLLM generation (its cache lives in
+            another process), where the context is re-encoded.
+
         > Parameters that control the loss
 
         loss_type (`str`, *optional*, defaults to `"reverse_kl"`):
@@ -151,6 +157,10 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
     rolling_teacher_cache: bool = field(
         default=True,
         metadata={"help": "Rolling rollouts: keep each slot's teacher keys and values across steps."},
+    )
+    rolling_student_cache: bool = field(
+        default=True,
+        metadata={"help": "Rolling rollouts: the student's loss reads the contexts' keys and values from generation."},
     )
     loss_type: str = field(
         default="reverse_kl",

@@ -1,4 +1,5 @@
-"""The teacher's keys and values of each rolling slot, kept across optimizer steps (`horizon="rolling"`).
+"""Keys and values a rolled chunk's loss does not recompute (`horizon="rolling"`): the teacher's per slot, kept across
+optimizer steps (`TeacherSlotCache`), and the student's from the step's own generation (`captured_cache`).
 
 A rolled chunk's loss needs the teacher's hidden states at the chunk's positions, which attend to the whole context
 (prompt + the rollout's earlier chunks). The teacher is frozen, so a context encodes to the same keys and values at
@@ -13,10 +14,19 @@ padding in the positions instead; with rotary embeddings attention depends only 
 agree to float tolerance (tests/test_rolling.py checks the loss to 1e-5). Models with sliding-window or other
 non-growing cache layers are not cached (`supports`), and the trainer falls back to the full forward.
 
+The student's loss forward at a step runs the weights that generated that step's chunks, so the keys and values
+`generate` computed for each context (its prefill) are the ones the loss's no-grad context forward would compute:
+`captured_cache` takes generate's cache object, and `context_cache` cuts each row's context out of it. `generate`
+encodes left-padded rows at their true positions (attention-mask cumsum), so the loss's chunk positions must be the
+true ones too (the trainer passes them). The cache is the one generation filled anyway; it is held until the step's
+last micro-batch.
+
 Memory: per slot, context length x layers x 2 x kv_heads x head_dim x the teacher's dtype bytes (`nbytes`), e.g. a
 Qwen2.5-7B teacher (28 layers, 4 kv heads of 128) holds 57 KB per token in bf16: 320 slots at a mean context of 600
 tokens hold 11 GB.
 """
+
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
@@ -109,3 +119,33 @@ class TeacherSlotCache:
                 stored = [(k.clone(), v.clone()) for k, v in stored]
             self.entries[slot] = (list(seq[:-1]), stored)
         return out, sum(new_lengths)
+
+
+@contextmanager
+def captured_cache(backbone):
+    """Within the block, the first forward of `backbone` that is handed a cache object (generate's prefill) leaves it
+    in the yielded list: `generate` then fills it, in place, with every position it encodes."""
+    holder = []
+
+    def grab(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if not holder and isinstance(cache, DynamicCache):
+            holder.append(cache)
+
+    handle = backbone.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        yield holder
+    finally:
+        handle.remove()
+
+
+def context_cache(cache: DynamicCache, rows: torch.Tensor, length: int, config) -> DynamicCache | None:
+    """A new cache with rows `rows` and the first `length` positions of `cache` (None if it cannot serve: a layer
+    that does not grow with the sequence, or fewer positions than asked)."""
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    if cache.get_seq_length() < length:
+        return None
+    rows = rows.to(cache.layers[0].keys.device)
+    layers = [(layer.keys[rows, :, :length], layer.values[rows, :, :length]) for layer in cache.layers]
+    return DynamicCache(ddp_cache_data=layers, config=config)

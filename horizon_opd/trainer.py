@@ -145,6 +145,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         self.rollout_pool: RolloutPool | None = None  # rollouts in flight across steps (horizon="rolling")
         self.prompt_stream: PromptStream | None = None  # where the pool's freed slots draw their prompts
         self.teacher_cache: kv_cache.TeacherSlotCache | None = None  # the teacher's keys and values per slot
+        self._generation_cache = None  # (step, generate's KV cache of the step's contexts, their padded width)
         if args.horizon == "rolling":
             self.rollout_pool = RolloutPool(
                 num_slots=args.per_device_train_batch_size * args.gradient_accumulation_steps,
@@ -182,7 +183,16 @@ class HorizonOPDTrainer(DistillationTrainer):
         self._set_generation_limit(horizon)
         if self.model.training:
             self._meters["train"].count("prefill_tokens", sum(len(ids) for ids in prompt_ids))
-        completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        if self._rolls() and self.args.rolling_student_cache and not self.use_vllm:
+            # keep generate's keys and values of the contexts: the step's loss runs the same weights over them
+            with kv_cache.captured_cache(_backbone(self.accelerator.unwrap_model(self.model))) as captured:
+                completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+            width = max(len(ids) for ids in prompt_ids)  # the left-padded width, as TRL pads them for the loss
+            if self.pad_to_multiple_of:
+                width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            self._generation_cache = (self.state.global_step, captured[0], width) if captured else None
+        else:
+            completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         if self._rolls():  # prompt_ids are the slots' contexts (`_tokenize_prompts`): each rollout gains one chunk
             self._meters["train"].add_generation(completion_ids)
             completion_ids = self.rollout_pool.advance(completion_ids, self.state.global_step)
@@ -291,6 +301,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         record = self._meters["train"].finish(self.state.global_step, self._step_horizon, self.accelerator,
                                               with_signal=self._measures_signal())
         self.cost.add_step(record)
+        self._generation_cache = None  # the step's losses are done with it
         self._gather_scored_tokens()
         self.horizon_history.append(record.horizon)
         self.horizon_policy.observe(record)
@@ -379,7 +390,8 @@ class HorizonOPDTrainer(DistillationTrainer):
         offsets = inputs.get("completion_offsets")
         meter = self._meters["train" if self.model.training else "eval"]
         if offsets is not None and self.model.training:  # a rolled chunk: its context runs without grad
-            student_hidden = self._rolled_hidden_state(unwrapped_student, input_ids, attention_mask, num_positions)
+            student_hidden = self._rolled_hidden_state(unwrapped_student, input_ids, attention_mask, num_positions,
+                                                       inputs.get("rollout_slots"))
         else:
             student_hidden = self._get_last_hidden_state(
                 unwrapped_student, input_ids, attention_mask, num_positions, **multimodal_inputs
@@ -418,7 +430,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         loss = masked_token_mean(per_token, mask, num_items_in_batch)
         return loss, (entropy.detach() * mask).sum(), mask.sum()
 
-    def _rolled_hidden_state(self, unwrapped_model, input_ids, attention_mask, num_positions):
+    def _rolled_hidden_state(self, unwrapped_model, input_ids, attention_mask, num_positions, slots=None):
         """The student's last hidden states (B, K, H) that predict the K chunk tokens ending `input_ids`, with the
         context before them computed without grad.
 
@@ -428,7 +440,11 @@ class HorizonOPDTrainer(DistillationTrainer):
         into a KV cache; the K + 1 last positions run with grad on top of it. Positions and padding follow the full
         forward's (left-padded context: cache positions count the padding, as TRL's forward does). Gradient
         checkpointing is paused for the short part: transformers drops a cache passed into a checkpointed layer, and a
-        chunk's activations are small."""
+        chunk's activations are small.
+
+        With `rolling_student_cache`, the context's keys and values are the ones this step's generation computed
+        (`slots`: each row's row in the generation batch) and the context is not run again; they were encoded at the
+        rows' true positions, so the chunk's are too (equal to the padded positions' values to float tolerance)."""
         if is_peft_model(unwrapped_model):
             unwrapped_model = unwrapped_model.base_model.model
         backbone = unwrapped_model.base_model
@@ -437,23 +453,37 @@ class HorizonOPDTrainer(DistillationTrainer):
         if split < 1:
             meter.count("student_grad_tokens", attention_mask.sum())
             return self._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, num_positions)
-        meter.count("student_nograd_tokens", attention_mask[:, :split].sum())
         meter.count("student_grad_tokens", attention_mask[:, split:].sum())
-        cache = DynamicCache(config=unwrapped_model.config)
-        with torch.no_grad():
-            backbone(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split], cache=cache,
-                     use_cache=True)
+        cache, position_ids = self._generated_context_cache(unwrapped_model, split + 1, split, slots), None
+        if cache is not None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, split:]
+        else:
+            meter.count("student_nograd_tokens", attention_mask[:, :split].sum())
+            cache = DynamicCache(config=unwrapped_model.config)
+            with torch.no_grad():
+                backbone(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split], cache=cache,
+                         use_cache=True)
         checkpointed = [m for m in backbone.modules()
                         if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
         for module in checkpointed:
             module.gradient_checkpointing = False
         try:
-            hidden = backbone(input_ids=input_ids[:, split:], attention_mask=attention_mask, cache=cache,
-                              use_cache=True).last_hidden_state  # (B, K + 1, H)
+            hidden = backbone(input_ids=input_ids[:, split:], attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, use_cache=True).last_hidden_state  # (B, K + 1, H)
         finally:
             for module in checkpointed:
                 module.gradient_checkpointing = True
         return hidden[:, :-1, :]  # the last position predicts past the chunk
+
+    def _generated_context_cache(self, unwrapped_model, width: int, length: int, slots):
+        """This step's generation cache cut to `slots`' rows and their first `length` positions, if it can serve a
+        micro-batch whose contexts are `width` wide (the generation batch's padded width); None otherwise."""
+        if self._generation_cache is None or slots is None:
+            return None
+        step, cache, generated_width = self._generation_cache
+        if step != self.state.global_step or generated_width != width:
+            return None
+        return kv_cache.context_cache(cache, slots, length, unwrapped_model.config)
 
     def _local_teacher_terms(self, student, targets, rows, input_ids, attention_mask, num_positions,
                              multimodal_inputs, slots=None):
@@ -567,6 +597,13 @@ class _Head(NamedTuple):
     weight: torch.Tensor  # (V, H)
     bias: torch.Tensor | None
     post: tuple
+
+
+def _backbone(model):
+    """The module `generate` runs per decode step under the LM head (through a PEFT wrapper)."""
+    if is_peft_model(model):
+        model = model.base_model.model
+    return model.base_model
 
 
 def _describe(teacher) -> str:

@@ -152,7 +152,8 @@ def test_rolling_trains_each_chunk_at_its_true_positions_at_a_chunks_decode_cost
     assert [r.decode_iterations for r in records] == [chunk] * 6  # a step decodes one chunk
     started = [r.counts["prompts_started"] for r in records]
     assert started[0] == 8 and trainer.cost.prompts_started == sum(started)
-    assert trainer.cost.student_nograd_tokens > 0 and trainer.cost.teacher_tokens > 0
+    # the student's loss reads the contexts' keys and values from generation: no context runs again without grad
+    assert trainer.cost.student_nograd_tokens == 0 and trainer.cost.teacher_tokens > 0
     staleness = logged(trainer, "rolling/max_context_staleness")
     assert staleness[0] == 0 and max(staleness) <= L // chunk - 1
     assert logged(trainer, "horizon/kl_span")[-1] == L
@@ -182,9 +183,10 @@ def test_a_rolled_chunks_loss_equals_the_same_tokens_loss_from_one_full_forward(
         assert batch["completion_offsets"].max() > 0  # some rows continue a rollout: their context has a prefix
         # without offsets and slots: TRL's one full forward, for the student and the teacher
         full = {k: v for k, v in batch.items() if k not in ("completion_offsets", "rollout_slots")}
-        before = counts["teacher_tokens"]
+        before, student_before = counts["teacher_tokens"], counts["student_nograd_tokens"]
         rolled_loss = trainer._compute_loss(unwrapped, batch, batch["num_items_in_batch"])[0]
         cached = counts["teacher_tokens"] - before
+        assert counts["student_nograd_tokens"] == student_before  # the contexts' keys and values from generation
         full_loss = trainer._compute_loss(unwrapped, full, full["num_items_in_batch"])[0]
         assert rolled_loss.item() == pytest.approx(full_loss.item(), abs=1e-5)
         encoded = int((batch["prompt_mask"].sum() + batch["completion_mask"].sum()))
@@ -279,17 +281,22 @@ def test_rolling_trains_on_a_stream(tmp_path, student, teacher, tokenizer, promp
     assert trainer.state.global_step == 3 and trainer.cost.prompts_started >= 8
 
 
-def test_the_teacher_cache_changes_no_loss_and_encodes_fewer_tokens(tmp_path, student, teacher, tokenizer, prompts):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_caches_change_no_loss_and_encode_fewer_tokens(checkpointing, tmp_path, student, teacher, tokenizer,
+                                                           prompts):
     runs = []
     for cache in (True, False):  # built and trained one after the other: each starts from the seeded RNG
         runs.append(_rolling(tmp_path / str(cache), copy.deepcopy(student), copy.deepcopy(teacher), tokenizer,
-                             prompts, rolling_teacher_cache=cache))
+                             prompts, rolling_teacher_cache=cache, rolling_student_cache=cache,
+                             gradient_checkpointing=checkpointing))
         runs[-1].train()
     cached, uncached = runs
     assert cached.teacher_cache is not None and uncached.teacher_cache is None
     assert logged(cached, "loss") == pytest.approx(logged(uncached, "loss"), abs=1e-5)
+    assert logged(cached, "grad_norm") == pytest.approx(logged(uncached, "grad_norm"), rel=1e-4)
     assert cached.cost.teacher_tokens < uncached.cost.teacher_tokens
-    assert cached.cost.student_nograd_tokens == uncached.cost.student_nograd_tokens > 0
+    assert cached.cost.student_nograd_tokens == 0 < uncached.cost.student_nograd_tokens
+    assert cached.cost.student_grad_tokens == uncached.cost.student_grad_tokens
 
 
 # ----------------------------------------------------------------------------------------------- two ranks, ZeRO-3
