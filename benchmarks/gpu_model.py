@@ -1,15 +1,16 @@
 """A GPU cost model of one training step per horizon method: a MODEL, not a measurement (torch-free).
 
-    python benchmarks/gpu_model.py                  # the README tables: H100/H200, L = 1024, 1.5B student, 7B teacher
-    python benchmarks/gpu_model.py --batch 128 --prompt 512 --length 4096
+    python benchmarks/gpu_model.py                  # the README tables: H100/H200, L = 1024 and 4096, 1.5B/7B pair
+    python benchmarks/gpu_model.py --batch 128 --prompt 512 --length 8192
     python benchmarks/gpu_model.py --measured benchmarks/results/gpu.json   # gpu.py's measured rates replace assumed
 
 No GPU has run these benchmarks (benchmarks/README.md): this module predicts what a step would cost on one, from
 
 - the step's COUNTS, per method: sequential decode iterations (the longest rollout of the batch), tokens generated,
-  tokens forwarded by the student with and without gradients, tokens the teacher scores. They follow from each
+  tokens forwarded by the student with and without gradients, tokens the teacher encodes. They follow from each
   method's horizon (`horizon_opd.horizon`'s policies, loaded from the file so no torch is imported) and, for the
-  adaptive policy, from the horizons the demo run measured (examples/demo_results/results.json);
+  adaptive policy, from the horizons the demo run measured (examples/demo_results/results.json); a training run's
+  results.json records them too (its "counts"), and `measured_counts` prices those as measured;
 - the GPU's RATES: vendor peak HBM bandwidth and dense BF16 FLOP/s (cited in `GPUS`) times efficiency factors that
   are ASSUMED (`Assumptions`), or the per-iteration decode latency and achieved FLOP/s that `gpu.py` MEASURES on a
   CUDA machine (`Rates.measured`).
@@ -26,31 +27,41 @@ The formula, per optimizer step of B rollouts (every term in seconds):
       floor         = a per-iteration latency floor: 0 for an engine at the bandwidth bound (vLLM-style, CUDA
                       graphs); ~20 ms for transformers' eager `generate`, which waits on kernel launches
     prefill         = 2 * Nb_s * B * (P + prefix) / (FLOPS * mfu)      student, no grad, before decoding
-    student_context = 2 * Nb_s * B * (P + prefix) / (FLOPS * mfu)      rolling only: the context again, for the loss
+    student_context = 2 * Nb_s * B * (P + prefix - 1) / (FLOPS * mfu)  rolling only: the context again, for the loss
     student_train   = 3 * 2 * (Nb_s * tokens_grad + Nh_s * trained) / (FLOPS * mfu)      forward + backward;
-                      tokens_grad = B (P + horizon), or B x chunk for rolling (its context runs without gradients)
+                      tokens_grad = B (P + horizon), or B (chunk + 1) for rolling (its context runs without gradients)
     teacher         = 2 * (Nb_t * tokens_teacher + Nh_t * trained) / (FLOPS * mfu)
     optimizer       = N_s * bytes_per_param / (HBM * eff)              AdamW reads and writes every parameter
 
 with Nb the backbone (non-embedding) parameters, Nh the LM head (vocab x hidden): the trainers run the backbone over
 prompt + completion and the LM heads only over the trained completion positions (inside the chunked loss), and
 `generate` projects only each new token. Not modelled: attention FLOPs (4 x layers x ctx x hidden per token, ~6% of
-2N at 1k context for the 1.5B student), the loss's softmax work, the trainer's own overhead (0.7% of a CPU step,
-measured), data loading, and communication (one GPU).
+2N at 1k context for the 1.5B student, ~26% at 4k: so at L = 4096 the re-encoded contexts and the cached teacher's
+chunk, which still attends to its whole context, cost more than priced), the loss's softmax work, the trainer's own
+overhead (0.7% of a CPU step, measured), data loading, and communication (one GPU).
 
 What a method changes is only the counts. OPD, TOPD, POPD, anchored and adaptive generate `horizon` tokens per
 rollout from the prompt, so decode iterations = horizon (every rollout assumed to reach it, no early EOS: in the demo
 97-100% of the horizon was generated) and the student and the teacher see prompt + horizon tokens. `rolling` (every
 rollout advances by one chunk of c = ceil(rho L) tokens per step, continued across steps) decodes c iterations a step,
-like TOPD, but re-encodes its context (prompt + prefix of depth d) every step: a prefill for generation, a no-grad
-student forward of the prefix for the loss, and the teacher's forward over prefix + chunk. Its depth runs over 0, c,
-2c, ... within each rollout, so its cost is averaged over that cycle (mean depth (n - 1) c / 2 for n = ceil(L / c)
-chunks, ~L/2).
+like TOPD, and as built (`rolling_step`): generation encodes the context (prompt + prefix of depth d) in its
+prefill, the student's loss reads the context's keys and values from that generation (same weights) and runs the
+chunk + 1 tokens with grad, and the teacher, which keeps each slot's keys and values across steps
+(horizon_opd/kv_cache.py), encodes prompt + chunk at depth 0 and chunk + 1 after. Two variants are priced beside it:
+the teacher cache only (the student re-encoding its context without grad for the loss: vLLM generation, or
+`rolling_student_cache=False`) and uncached (the teacher too re-encoding context + chunk every step).Its
+depth runs over 0, c, 2c, ... within each rollout, so its cost is averaged over that cycle (mean depth (n - 1) c / 2
+for n = ceil(L / c) chunks, ~L/2). The wide methods run ceil(B / rho) prompts (slots) per step, OPD's trained tokens
+per update in c decode iterations: their decode reads B / rho slots' KV every iteration (memory(i) above), and their
+re-encoded contexts scale with the slots. `cache_memory` gives each KV cache's bytes: tokens held x layers x 2 x
+kv_heads x head_dim x dtype bytes.
 
 Two cost views of the same counts (the issue's): on a CPU (compute-bound) train seconds follow tokens generated (the
 CPU benchmark: TOPD 0.1's step is 0.102 of full's, its tokens 0.102, its FLOPs 0.120); on a GPU a step's generation
-follows its sequential decode iterations, nearly flat in B until the batch is compute-bound. The tables give both;
-which one a claim rests on is said where it is made.
+follows its sequential decode iterations, nearly flat in B until the batch is compute-bound. The tables give both
+(tokens vs OPD, decode iterations vs OPD) and the model's seconds, which rest on the GPU view and the assumed rates;
+seconds per trained position compare methods at equal training signal (the wide methods' purpose). Which view a claim
+rests on is said where it is made.
 """
 
 import argparse
@@ -72,18 +83,19 @@ class GPU:
     name: str
     hbm_bytes_per_s: float  # peak memory bandwidth, vendor figure
     bf16_flops: float  # peak dense BF16 tensor FLOP/s, vendor figure (the datasheets print 2x, "with sparsity")
+    memory_bytes: float  # GPU memory, vendor figure
     source: str
 
 
 GPUS = {
-    "H100": GPU("H100 SXM", 3.35e12, 989e12,
-                "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): 3.35 TB/s HBM3; BF16 Tensor Core "
-                "1,979 TFLOPS with sparsity, 989 dense"),
-    "H200": GPU("H200 SXM", 4.8e12, 989e12,
-                "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): 4.8 TB/s HBM3e; same Hopper compute as "
-                "H100 SXM, 1,979 TFLOPS BF16 with sparsity, 989 dense"),
-    "A6000": GPU("RTX A6000", 768e9, 154.8e12,
-                 "NVIDIA RTX A6000 datasheet: 768 GB/s GDDR6; 309.7 TFLOPS tensor with sparsity, 154.8 dense"),
+    "H100": GPU("H100 SXM", 3.35e12, 989e12, 80e9,
+                "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): 80 GB HBM3 at 3.35 TB/s; BF16 Tensor "
+                "Core 1,979 TFLOPS with sparsity, 989 dense"),
+    "H200": GPU("H200 SXM", 4.8e12, 989e12, 141e9,
+                "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): 141 GB HBM3e at 4.8 TB/s; same Hopper "
+                "compute as H100 SXM, 1,979 TFLOPS BF16 with sparsity, 989 dense"),
+    "A6000": GPU("RTX A6000", 768e9, 154.8e12, 48e9,
+                 "NVIDIA RTX A6000 datasheet: 48 GB GDDR6 at 768 GB/s; 309.7 TFLOPS tensor with sparsity, 154.8 dense"),
 }
 
 
@@ -270,7 +282,7 @@ class StepShape:
     generated_tokens: int
     trained_positions: int  # positions the loss is computed on (the student's and the teacher's LM heads)
     prefill_tokens: int  # student, no grad, before decoding (prompt + prefix)
-    student_context_tokens: int  # student, no grad, for the loss (rolling: the prefix again)
+    student_context_tokens: int  # student, no grad, for the loss (rolling: the context again, but its last token)
     student_train_tokens: int  # student backbone with gradients
     teacher_tokens: int  # teacher backbone
 
@@ -281,28 +293,44 @@ def standard_step(batch: int, prompt: int, horizon: int) -> StepShape:
                      batch * (prompt + horizon), batch * (prompt + horizon))
 
 
-def rolling_step(batch: int, prompt: int, depth: int, chunk: int, cached: bool = False) -> StepShape:
-    """Rolling: every rollout continues from a prefix of `depth` tokens by one chunk; its context (prompt + prefix)
-    is re-encoded: a prefill for generation, a no-grad student forward for the loss, the teacher over context + chunk.
+CACHES = ("both", "teacher", "none")
 
-    `cached` is a variant the issue does not specify: the student encodes the context once per step (generation and
-    loss run on the same weights within a step) and the frozen teacher keeps its KV cache of the context across steps,
-    so it encodes the prompt once per rollout and then only each chunk."""
+
+def rolling_step(batch: int, prompt: int, depth: int, chunk: int, cache: str = "both") -> StepShape:
+    """Rolling: each of `batch` slots continues its rollout from a prefix of `depth` tokens by one chunk. Generation
+    encodes the context (prompt + prefix) in its prefill; the student's loss runs the context's last token and the
+    chunk (chunk + 1) with grad. What else is encoded depends on `cache` (horizon_opd/kv_cache.py):
+
+    - "both" (the default as built): the frozen teacher keeps each slot's keys and values across steps, so it encodes
+      prompt + chunk when a slot starts (depth 0), then the context's last token + the chunk; the student's loss
+      reads the context's keys and values from the step's generation, so no context runs again without grad;
+    - "teacher" (`rolling_student_cache=False`, or vLLM generation, whose cache is in another process): the teacher as
+      "both", and the student's loss runs the context but its last token without grad;
+    - "none" (both caches off): that, and the teacher over context + chunk every step."""
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r}: use one of {CACHES}")
     context = prompt + depth
-    if cached:
-        teacher = batch * (chunk + (prompt if depth == 0 else 0))
-        return StepShape(batch, chunk, context, batch * chunk, batch * chunk, batch * context, 0, batch * chunk,
-                         teacher)
-    return StepShape(batch, chunk, context, batch * chunk, batch * chunk, batch * context, batch * context,
-                     batch * chunk, batch * (context + chunk))
+    if cache == "none":
+        teacher = context + chunk
+    else:
+        teacher = prompt + chunk if depth == 0 else chunk + 1
+    nograd = 0 if cache == "both" else max(context - 1, 0)
+    return StepShape(batch, chunk, context, batch * chunk, batch * chunk, batch * context, batch * nograd,
+                     batch * (chunk + 1), batch * teacher)
 
 
-def rolling_cycle(batch: int, prompt: int, length: int, ratio: float, cached: bool = False) -> list[StepShape]:
+def rolling_cycle(batch: int, prompt: int, length: int, ratio: float, cache: str = "both") -> list[StepShape]:
     """One rollout's life under rolling: chunks of c = ceil(ratio L) at depths 0, c, 2c, ... (the last one shorter);
     every step of the cycle once, so their mean is the mean over a run whether rollouts are in phase or staggered
     (staggered, a step waits on its longest chunk: c every step, a little above the mean)."""
     chunk = ratio_to_tokens(ratio, length)
-    return [rolling_step(batch, prompt, depth, min(chunk, length - depth), cached) for depth in range(0, length, chunk)]
+    return [rolling_step(batch, prompt, depth, min(chunk, length - depth), cache) for depth in range(0, length, chunk)]
+
+
+def wide_batch(batch: int, ratio: float) -> int:
+    """ceil(B / rho): the prompts (slots) a wide method runs per step, OPD's tokens per update in chunks of rho L
+    (as horizon_opd.demo.compare's `<method>-wide<rho>`; rounded first: 32 / 0.1 is 320.00000000000006)."""
+    return math.ceil(round(batch / ratio, 6))
 
 
 def step_seconds(shape: StepShape, student: Model, teacher: Model, rates: Rates) -> dict:
@@ -373,7 +401,9 @@ def demo_adaptive_ratios(path: str = DEMO_RESULTS, name: str = "Adaptive 0.1-1")
 
 def methods(batch: int, prompt: int, length: int, rho: float = 0.1, steps: int = 100,
             demo_results: str = DEMO_RESULTS) -> list[Method]:
-    """The methods of the demo's table (its settings), plus rolling, at full horizon `length`, over a run of `steps`."""
+    """The methods of the demo's table (its settings), plus rolling, at full horizon `length`, over a run of `steps`;
+    then the wide methods, on ceil(B / rho) prompts (slots) per step: OPD's tokens per update at a chunk's decode
+    iterations."""
     h = _horizon_module()
 
     def scheduled(name, policy, source):
@@ -395,10 +425,20 @@ def methods(batch: int, prompt: int, length: int, rho: float = 0.1, steps: int =
         ratios, source = adaptive
         out.append(Method("Adaptive 0.1-1", [standard_step(batch, prompt, ratio_to_tokens(r, length)) for r in ratios],
                           source))
-    out.append(Method(f"Rolling rho={rho:g}", rolling_cycle(batch, prompt, length, rho),
-                      "chunk ceil(rho L), depths 0, c, 2c, ... (definition; no measured run yet)"))
-    out.append(Method(f"Rolling rho={rho:g}, prefix cached (variant)", rolling_cycle(batch, prompt, length, rho, True),
-                      "as rolling, context encoded once per step by the student, teacher KV kept across steps"))
+    wide, chunk = wide_batch(batch, rho), ratio_to_tokens(rho, length)
+    out += [
+        Method(f"Rolling rho={rho:g}", rolling_cycle(batch, prompt, length, rho),
+               "chunk ceil(rho L), depths 0, c, 2c, ...; each context encoded once per step per model (as built)"),
+        Method(f"TOPD rho={rho:g} wide", [standard_step(wide, prompt, chunk)],
+               f"ceil(B / rho) = {wide} prompts, horizon ceil(rho L) (definition)"),
+        Method(f"Rolling rho={rho:g} wide", rolling_cycle(wide, prompt, length, rho),
+               f"ceil(B / rho) = {wide} slots, each context encoded once per step per model (as built)"),
+        Method(f"Rolling rho={rho:g} wide, teacher cache only", rolling_cycle(wide, prompt, length, rho,
+                                                                             cache="teacher"),
+               f"ceil(B / rho) = {wide} slots, the student re-encoding its contexts for the loss (vLLM generation)"),
+        Method(f"Rolling rho={rho:g} wide, uncached", rolling_cycle(wide, prompt, length, rho, cache="none"),
+               f"ceil(B / rho) = {wide} slots, both caches off: the teacher and the loss re-encode every context"),
+    ]
     return out
 
 
@@ -410,15 +450,41 @@ def _mean(values) -> float:
 def evaluate(method: Method, student: Model, teacher: Model, rates: Rates) -> dict:
     """The method's mean counts and predicted seconds per step."""
     seconds = [step_seconds(s, student, teacher, rates) for s in method.shapes]
-    row = {"method": method.name, "source": method.source}
-    for key in ("decode_iterations", "generated_tokens", "trained_positions", "student_train_tokens",
-                "teacher_tokens"):
+    row = {"method": method.name, "source": method.source, "batch": method.shapes[0].batch}
+    for key in ("decode_iterations", "generated_tokens", "trained_positions", "prefill_tokens",
+                "student_train_tokens", "teacher_tokens"):
         row[key] = _mean(getattr(s, key) for s in method.shapes)
     row["student_nograd_tokens"] = _mean(s.prefill_tokens + s.student_context_tokens for s in method.shapes)
     row["flops"] = _mean(step_flops(s, student, teacher) for s in method.shapes)
     for key in seconds[0]:
         row[key] = _mean(s[key] for s in seconds)
+    # a ratio of means: over a run, seconds spent per position trained on (what an OPD-equivalent update costs)
+    row["seconds_per_trained"] = row["step"] / row["trained_positions"]
     return row
+
+
+def cache_memory(scenario: "Scenario") -> list[dict]:
+    """The keys and values each cache holds: tokens x the model's KV bytes per token (layers x 2 x kv_heads x
+    head_dim x dtype bytes: 57,344 for Qwen2.5-7B in bf16, 28,672 for Qwen2.5-1.5B). Rolling's teacher cache holds
+    each slot's prompt + chunks so far from one step to the next; generation's student cache lives within a step.
+    "mean": slots at staggered depths, the run's steady state (the library's pool staggers them); "peak": every
+    slot at its last chunk at once (slots in phase)."""
+    s = scenario
+    wide, chunk = wide_batch(s.batch, s.rho), ratio_to_tokens(s.rho, s.length)
+
+    def held(cycle):  # tokens a slot holds once its chunk is encoded: prompt + depth + chunk
+        return _mean(c.decode_start_context + c.decode_iterations for c in cycle), s.prompt + s.length
+
+    rolling = held(rolling_cycle(1, s.prompt, s.length, s.rho))
+    cases = [(f"Rolling rho={s.rho:g} wide", "teacher, kept across steps", s.teacher, wide, rolling),
+             (f"Rolling rho={s.rho:g} wide", "student, in generate", s.student, wide, rolling),
+             (f"Rolling rho={s.rho:g}", "teacher, kept across steps", s.teacher, s.batch, rolling),
+             (f"TOPD rho={s.rho:g} wide", "student, in generate", s.student, wide, (s.prompt + chunk,) * 2),
+             ("OPD", "student, in generate", s.student, s.batch, (s.prompt + s.length,) * 2)]
+    return [{"method": method, "cache": cache, "slots": slots, "tokens_per_slot": mean, "peak_tokens_per_slot": peak,
+             "bytes_per_token": model.kv_bytes_per_token, "bytes": slots * mean * model.kv_bytes_per_token,
+             "peak_bytes": slots * peak * model.kv_bytes_per_token}
+            for method, cache, model, slots, (mean, peak) in cases]
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -444,14 +510,14 @@ def _f(x, digits=2):
 
 def counts_table(rows: list[dict]) -> list[str]:
     opd = rows[0]
-    lines = ["| method | decode iterations | tokens generated | trained positions | student tokens fwd+bwd | "
-             "student tokens no-grad (prefill + prefix) | teacher tokens | tokens vs OPD (CPU view) | "
-             "decode iterations vs OPD (GPU view) | FLOPs vs OPD |", "|---|" + "---|" * 9]
+    lines = ["| method | rollouts (slots) / step | decode iterations | tokens generated | trained positions | "
+             "student tokens fwd+bwd | student tokens no-grad (prefill + context) | teacher tokens | "
+             "tokens vs OPD (CPU view) | decode iterations vs OPD (GPU view) | FLOPs vs OPD |", "|---|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['method']} | {_f(r['decode_iterations'], 0)} | {_f(r['generated_tokens'], 0)} | "
-                     f"{_f(r['trained_positions'], 0)} | {_f(r['student_train_tokens'], 0)} | "
-                     f"{_f(r['student_nograd_tokens'], 0)} | {_f(r['teacher_tokens'], 0)} | "
-                     f"{r['generated_tokens'] / opd['generated_tokens']:.3f} | "
+        lines.append(f"| {r['method']} | {r['batch']} | {_f(r['decode_iterations'], 0)} | "
+                     f"{_f(r['generated_tokens'], 0)} | {_f(r['trained_positions'], 0)} | "
+                     f"{_f(r['student_train_tokens'], 0)} | {_f(r['student_nograd_tokens'], 0)} | "
+                     f"{_f(r['teacher_tokens'], 0)} | {r['generated_tokens'] / opd['generated_tokens']:.3f} | "
                      f"{r['decode_iterations'] / opd['decode_iterations']:.3f} | {r['flops'] / opd['flops']:.3f} |")
     return lines
 
@@ -459,7 +525,7 @@ def counts_table(rows: list[dict]) -> list[str]:
 def seconds_table(columns: list[tuple[str, list[dict]]]) -> list[str]:
     """The first column's breakdown, then each column's step seconds and ratio to OPD."""
     first = columns[0][1]
-    head = ["method", "decode", "prefill + prefix", "student fwd+bwd", "teacher fwd", "optimizer"]
+    head = ["method", "decode", "student no-grad (prefill + context)", "student fwd+bwd", "teacher fwd", "optimizer"]
     head += [f"{name}: step s (vs OPD)" for name, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
     for i, r in enumerate(first):
@@ -468,6 +534,31 @@ def seconds_table(columns: list[tuple[str, list[dict]]]) -> list[str]:
         for _, rows in columns:
             cells.append(f"{rows[i]['step']:.2f} ({rows[i]['step'] / rows[0]['step']:.3f})")
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def per_token_table(columns: list[tuple[str, list[dict]]]) -> list[str]:
+    """Each column's seconds per 1,000 trained positions and ratio to OPD's: the price of an OPD-equivalent update."""
+    head = ["method", "trained positions / step"] + [f"{name}: s per 1k trained (vs OPD)" for name, _ in columns]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
+    for i, r in enumerate(columns[0][1]):
+        cells = [r["method"], _f(r["trained_positions"], 0)]
+        for _, rows in columns:
+            per, opd = rows[i]["seconds_per_trained"], rows[0]["seconds_per_trained"]
+            cells.append(f"{per * 1e3:.3f} ({per / opd:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def memory_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | KV cache | slots | tokens per slot, mean (peak) | KV bytes per token | GB, mean (peak) | "
+             f"of an H100's {GPUS['H100'].memory_bytes / 1e9:g} GB / an H200's {GPUS['H200'].memory_bytes / 1e9:g} "
+             "GB, mean |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['cache']} | {r['slots']} | {r['tokens_per_slot']:,.0f} "
+                     f"({r['peak_tokens_per_slot']:,}) | {r['bytes_per_token']:,} | {r['bytes'] / 1e9:.1f} "
+                     f"({r['peak_bytes'] / 1e9:.1f}) | {r['bytes'] / GPUS['H100'].memory_bytes:.2f} / "
+                     f"{r['bytes'] / GPUS['H200'].memory_bytes:.2f} |")
     return lines
 
 
@@ -510,9 +601,15 @@ def esr_check(student: Model = STUDENT, teacher: Model = TEACHER, prompts=(64, 2
 REAL_MODEL_RESULTS = os.path.join(ROOT, "examples", "real_model", "results.json")
 
 
-def _pooled_counts(all_runs: list[dict], settings: dict, label) -> list[dict]:
-    """One counts row per method of a results file, its seeds pooled: decode iterations and tokens per step, and the
-    fill. `label(batch, seeds)` names the row's run."""
+MEASURED_COUNTS = ("prompts_started", "prefill_tokens", "student_nograd_tokens", "student_grad_tokens",
+                   "teacher_tokens")  # horizon_opd.monitor.COUNTERS, as a run record's "counts" holds them
+
+
+def _pooled_counts(all_runs: list[dict], settings: dict, label, file: str) -> list[dict]:
+    """One counts row per method of a results file, its seeds pooled, per step: decode iterations, tokens generated
+    and trained, the fill, and, where every run recorded its "counts" (files from before the counters have none:
+    None), what each forward encoded. `measured` names the figures the runs recorded. `label(batch, seeds)` names
+    the row's run, `file` its results file."""
     L = settings["max_completion_length"]
     rows = []
     for name in dict.fromkeys(m["name"] for m in all_runs):
@@ -520,25 +617,49 @@ def _pooled_counts(all_runs: list[dict], settings: dict, label) -> list[dict]:
         batch = runs[0].get("batch_size") or settings["batch_size"]
         steps = sum(len(m["horizons"]) for m in runs)
         recorded = all(m.get("decode_iterations") is not None for m in runs)
+        counted = all("counts" in m for m in runs)
         decode = sum(m["decode_iterations"] if recorded else sum(m["horizons"]) for m in runs) / steps
         tokens = sum(m["tokens_generated"] for m in runs) / steps
-        rows.append({"run": label(batch, len(runs)), "method": name, "decode_iterations": decode,
-                     "decode_recorded": recorded, "tokens": tokens,
-                     "fill": tokens / (batch * sum(sum(m["horizons"]) for m in runs) / steps), "L": L})
+        trained = all("trained_tokens" in m for m in runs)
+        row = {"run": label(batch, len(runs)), "file": file, "method": name, "batch": batch,
+               "decode_iterations": decode, "decode_recorded": recorded, "tokens": tokens,
+               "trained": sum(m["trained_tokens"] for m in runs) / steps if trained else None,
+               "fill": tokens / (batch * sum(sum(m["horizons"]) for m in runs) / steps), "L": L,
+               "measured": [key for key, have in (("tokens_generated", True), ("decode_iterations", recorded),
+                                                  ("trained_tokens", trained)) if have]}
+        for key in MEASURED_COUNTS:
+            row[key] = sum(m["counts"][key] for m in runs) / steps if counted else None
+        if counted:
+            row["measured"] += MEASURED_COUNTS
+        rows.append(row)
     return rows
 
 
-def measured_counts(demo: str = DEMO_RESULTS, real_model: str = REAL_MODEL_RESULTS) -> tuple[list[str], list[dict]]:
+def measured_shape(row: dict) -> StepShape | None:
+    """A `measured_counts` row's mean step as a `StepShape`, every count measured (None without the run's "counts"):
+    decoding starts at the mean context generation encoded (prefill tokens / rollouts)."""
+    if row["prefill_tokens"] is None or row["trained"] is None or not row["decode_recorded"]:
+        return None
+    return StepShape(row["batch"], round(row["decode_iterations"]), round(row["prefill_tokens"] / row["batch"]),
+                     row["tokens"], row["trained"], row["prefill_tokens"], row["student_nograd_tokens"],
+                     row["student_grad_tokens"], row["teacher_tokens"])
+
+
+def measured_counts(demo: str = DEMO_RESULTS, real_model: str = REAL_MODEL_RESULTS,
+                    priced: tuple[Model, Model, Rates] | None = None) -> tuple[list[str], list[dict]]:
     """The per-method counts the training runs measured (their results.json): decode iterations per step (recorded
     by the trainer's `CostLedger` where the file has them, else the step's horizon, an upper bound), tokens generated
-    per step, and the fill (tokens / (rollouts x horizon): 1 when every rollout reaches the horizon)."""
+    and trained per step, the fill (tokens / (rollouts x horizon): 1 when every rollout reaches the horizon) and,
+    from files whose runs carry "counts", the tokens each forward encoded per step. With `priced` (student, teacher,
+    rates), a row with every count measured is priced as is (`measured_shape`): seconds per trained position against
+    its file's OPD's; the rows of an older file are not priced."""
     rows = []
     if os.path.exists(demo):
         with open(demo) as f:
             results = json.load(f)
         L = results["settings"]["max_completion_length"]
         rows += _pooled_counts(results["methods"], results["settings"], lambda batch, seeds:
-                               f"demo (L = {L}, {batch} rollouts, {seeds} seeds)")
+                               f"demo (L = {L}, {batch} rollouts, {seeds} seeds)", demo)
     if os.path.exists(real_model):
         with open(real_model) as f:
             results = json.load(f)
@@ -547,13 +668,29 @@ def measured_counts(demo: str = DEMO_RESULTS, real_model: str = REAL_MODEL_RESUL
         runs = results["runs"] if "runs" in results else list(results["methods"].values())
         rows += _pooled_counts(runs, results["settings"], lambda batch, seeds:
                                f"real model (SmolLM2, L = {L}, {batch} rollouts, {seeds} "
-                               f"seed{'s' if seeds > 1 else ''})")
-    lines = ["| run (measured) | method | decode iterations / step | of L | tokens generated / step | fill |",
-             "|---|---|---|---|---|---|"]
+                               f"seed{'s' if seeds > 1 else ''})", real_model)
+    if priced:
+        opd = {}  # per file, OPD's seconds per trained position
+        for r in rows:
+            shape = measured_shape(r)
+            r["seconds_per_trained"] = (None if shape is None else
+                                        step_seconds(shape, *priced)["step"] / shape.trained_positions)
+            if r["method"] == "OPD":
+                opd[r["file"]] = r["seconds_per_trained"]
+        for r in rows:
+            base = opd.get(r["file"])
+            r["vs_opd"] = r["seconds_per_trained"] / base if base and r["seconds_per_trained"] else None
+    lines = ["| run (measured) | method | decode iterations / step | of L | tokens generated / step | fill | "
+             "trained / step | prefill / step | student no-grad / step | student grad / step | teacher / step | "
+             "s per 1k trained, priced (vs OPD) |", "|---|" + "---|" * 11]
     for r in rows:
         mark = "" if r["decode_recorded"] else " (horizon)"
+        price = "–" if r.get("seconds_per_trained") is None else (
+            f"{r['seconds_per_trained'] * 1e3:.3f}" + (f" ({r['vs_opd']:.3f})" if r.get("vs_opd") else ""))
         lines.append(f"| {r['run']} | {r['method']} | {r['decode_iterations']:.1f}{mark} | "
-                     f"{r['decode_iterations'] / r['L']:.3f} | {r['tokens']:.0f} | {r['fill']:.3f} |")
+                     f"{r['decode_iterations'] / r['L']:.3f} | {r['tokens']:.0f} | {r['fill']:.3f} | "
+                     f"{_f(r['trained'], 0)} | {_f(r['prefill_tokens'], 0)} | {_f(r['student_nograd_tokens'], 0)} | "
+                     f"{_f(r['student_grad_tokens'], 0)} | {_f(r['teacher_tokens'], 0)} | {price} |")
     return lines, rows
 
 
@@ -615,9 +752,12 @@ def sensitivity(scenario: Scenario, gpu: GPU, batches=(8, 64, 256), prompts=(64,
     return lines
 
 
-def report(scenario: Scenario, measured: dict | None = None, demo_results: str = DEMO_RESULTS) -> tuple[str, dict]:
-    """The markdown of the model's tables, and their rows. With `measured` (gpu.py's `costs`), the measured rates
-    replace the assumed ones and the measured models' shapes replace the default pair."""
+def report(scenario: Scenario, measured: dict | None = None, demo_results: str = DEMO_RESULTS,
+           lengths: tuple[int, ...] | None = None) -> tuple[str, dict]:
+    """The markdown of the model's tables, and their rows: per full horizon in `lengths` (default: the scenario's),
+    the counts, the step seconds, the seconds per trained position and the caches' memory; then, once, the checks.
+    With `measured` (gpu.py's `costs`), the measured rates replace the assumed ones and the measured models' shapes
+    replace the default pair."""
     if measured:
         gpu = gpu_for(measured.get("device")) or GPUS["H100"]
         student = Model(**measured["models"]["student"])
@@ -629,35 +769,46 @@ def report(scenario: Scenario, measured: dict | None = None, demo_results: str =
         columns = [("H100 engine", Rates(GPUS["H100"], a)),
                    ("H100 HF eager", Rates(GPUS["H100"], replace(a, decode_floor_s=HF_EAGER_FLOOR_S))),
                    ("H200 engine", Rates(GPUS["H200"], a))]
-    predicted = [(name, predict(scenario, rates, demo_results)) for name, rates in columns]
     s = scenario
     dtype = {2: "bf16", 4: "fp32"}.get(s.student.dtype_bytes, f"{s.student.dtype_bytes}-byte weights")
-    lines = [f"Scenario: student {s.student.name} ({_count(s.student.params)} parameters read per decode iteration), "
-             f"teacher {s.teacher.name} ({_count(s.teacher.params)}), {dtype}, B = {s.batch} rollouts per step, "
-             f"prompt {s.prompt} tokens, L = {s.length}, rho = {s.rho:g}; schedules over {s.steps} steps.", "",
-             "Per step (means over the schedule; tokens summed over the batch):", ""]
-    lines += counts_table(predicted[0][1])
-    lines += ["", "Predicted seconds per step (the breakdown is the first column's):", ""]
-    lines += seconds_table(predicted)
-    lines += ["", "Rates: " + "; ".join(f"{k}: {v}" for k, v in columns[0][1].sources().items()), ""]
-    payload = {"scenario": {"batch": s.batch, "prompt": s.prompt, "length": s.length, "rho": s.rho,
-                            "steps": s.steps, "student": s.student.__dict__, "teacher": s.teacher.__dict__,
-                            "assumptions": s.assumptions.__dict__},
-               "columns": {name: rows for name, rows in predicted},
-               "sources": {name: rates.sources() for name, rates in columns}}
+    lines, tables = [], []
+    for length in lengths or (s.length,):
+        at = replace(s, length=length)
+        predicted = [(name, predict(at, rates, demo_results)) for name, rates in columns]
+        memory = cache_memory(at)
+        lines += [f"**L = {length}.** Student {s.student.name} ({_count(s.student.params)} parameters read per decode "
+                  f"iteration), teacher {s.teacher.name} ({_count(s.teacher.params)}), {dtype}, B = {s.batch} rollouts "
+                  f"per step (the wide methods {wide_batch(s.batch, s.rho)}), prompt {s.prompt} tokens, L = {length}, "
+                  f"rho = {s.rho:g}; schedules over {s.steps} steps.", "",
+                  "Per step (means over the schedule; tokens summed over the batch):", ""]
+        lines += counts_table(predicted[0][1])
+        lines += ["", "Predicted seconds per step (the breakdown is the first column's):", ""]
+        lines += seconds_table(predicted)
+        lines += ["", "Predicted seconds per 1,000 trained positions (a ratio of means over the run):", ""]
+        lines += per_token_table(predicted)
+        lines += ["", "The KV caches' memory (the teacher's kept across steps; the student's within a step):", ""]
+        lines += memory_table(memory) + [""]
+        tables.append({"length": length, "columns": {name: rows for name, rows in predicted}, "cache_memory": memory})
+    lines += ["Rates: " + "; ".join(f"{k}: {v}" for k, v in columns[0][1].sources().items()), ""]
+    payload = {"scenario": {"batch": s.batch, "prompt": s.prompt, "lengths": [t["length"] for t in tables],
+                            "rho": s.rho, "steps": s.steps, "student": s.student.__dict__,
+                            "teacher": s.teacher.__dict__, "assumptions": s.assumptions.__dict__},
+               "tables": tables, "sources": {name: rates.sources() for name, rates in columns}}
     if not measured:
-        lines += ["Sensitivity (H100) to the batch and the prompt length (both assumed):", ""]
-        lines += sensitivity(scenario, GPUS["H100"]) + [""]
+        lines += [f"Sensitivity (H100, L = {s.length}, rolling with its teacher cache) to the batch and the prompt "
+                  "length (both assumed):", ""]
+        lines += sensitivity(s, GPUS["H100"]) + [""]
         esr_lines, esr_rows = esr_check(s.student, s.teacher)
         lines += ["Check against ESR's published ratio (a full-horizon step at 100 vs 1000 tokens; the model at this "
                   "pair):", ""]
         lines += esr_lines + [""]
         payload["esr"] = esr_rows
-        counts_lines, counts_rows = measured_counts(demo_results)
+        counts_lines, counts_rows = measured_counts(demo_results, priced=(s.student, s.teacher, columns[0][1]))
         if counts_rows:
-            lines += ["The counts as the training runs measured them (fill = tokens / (rollouts x horizon); "
+            lines += ["The counts as the training runs measured them, per step (fill = tokens / (rollouts x horizon); "
                       "\"(horizon)\": the file predates the recorded decode iterations, so the step's horizon, an "
-                      "upper bound, stands in):", ""]
+                      "upper bound, stands in; \"–\": the file predates the forwards' counters; priced: the run's "
+                      f"measured counts at this pair on the {columns[0][0]} rates, against its file's OPD):", ""]
             lines += counts_lines + [""]
             payload["measured_counts"] = counts_rows
         cpu = cpu_check()
@@ -673,7 +824,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=Scenario.batch, help="rollouts per optimizer step (assumed)")
     parser.add_argument("--prompt", type=int, default=Scenario.prompt, help="prompt tokens (assumed)")
-    parser.add_argument("--length", type=int, default=Scenario.length, help="full horizon L")
+    parser.add_argument("--length", type=int, nargs="+", default=[1024, 4096],
+                        help="full horizon L; several: a set of tables per L")
     parser.add_argument("--rho", type=float, default=Scenario.rho)
     parser.add_argument("--steps", type=int, default=Scenario.steps, help="run length the schedules are averaged over")
     parser.add_argument("--bandwidth-efficiency", type=float, default=Assumptions.bandwidth_efficiency)
@@ -692,9 +844,9 @@ def main(argv=None):
             print(f"gpu_model.py: {args.measured} holds no measured `costs` (run gpu.py on a CUDA machine)",
                   file=sys.stderr)
             return 2
-    scenario = Scenario(args.batch, args.prompt, args.length, args.rho, args.steps,
+    scenario = Scenario(args.batch, args.prompt, args.length[0], args.rho, args.steps,
                         assumptions=Assumptions(args.bandwidth_efficiency, args.mfu))
-    text, payload = report(scenario, measured, args.demo_results)
+    text, payload = report(scenario, measured, args.demo_results, tuple(args.length))
     print(text)
     if args.json:
         with open(args.json, "w") as f:

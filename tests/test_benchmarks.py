@@ -162,17 +162,29 @@ def test_cost_model_counts_what_each_method_processes():
     s = gpu_model.standard_step(2, 10, 5)
     assert (s.decode_iterations, s.decode_start_context, s.generated_tokens, s.trained_positions) == (5, 10, 10, 10)
     assert (s.prefill_tokens, s.student_context_tokens, s.student_train_tokens, s.teacher_tokens) == (20, 0, 30, 30)
-    # rolling, L = 10, rho = 0.3: chunks of 3 at depths 0, 3, 6, 9 (the last one 1 token)
+    # rolling, L = 10, rho = 0.3: chunks of 3 at depths 0, 3, 6, 9 (the last one 1 token), as built: both cached
     cycle = gpu_model.rolling_cycle(1, 10, 10, 0.3)
     assert [c.decode_iterations for c in cycle] == [3, 3, 3, 1]
     assert [c.decode_start_context for c in cycle] == [10, 13, 16, 19]
-    assert [c.prefill_tokens for c in cycle] == [10, 13, 16, 19]  # context re-encoded for generation ...
-    assert [c.student_context_tokens for c in cycle] == [10, 13, 16, 19]  # ... and for the loss, without gradients
-    assert [c.student_train_tokens for c in cycle] == [3, 3, 3, 1]  # gradients through the chunk only
-    assert [c.teacher_tokens for c in cycle] == [13, 16, 19, 20]  # the teacher over context + chunk
+    assert [c.prefill_tokens for c in cycle] == [10, 13, 16, 19]  # the context encoded once, for generation
+    assert all(c.student_context_tokens == 0 for c in cycle)  # the loss reads generation's keys and values
+    assert [c.student_train_tokens for c in cycle] == [4, 4, 4, 2]  # gradients through the last token + the chunk
+    assert [c.teacher_tokens for c in cycle] == [13, 4, 4, 2]  # prompt + chunk at depth 0, then chunk + 1
     assert sum(c.trained_positions for c in cycle) == 10  # every position trained once per rollout
-    cached = gpu_model.rolling_cycle(1, 10, 10, 0.3, cached=True)
-    assert [c.teacher_tokens for c in cached] == [13, 3, 3, 1] and all(c.student_context_tokens == 0 for c in cached)
+    teacher_only = gpu_model.rolling_cycle(1, 10, 10, 0.3, cache="teacher")  # vLLM generation
+    assert [c.student_context_tokens for c in teacher_only] == [9, 12, 15, 18]  # the context but its last token
+    assert [c.teacher_tokens for c in teacher_only] == [13, 4, 4, 2]
+    uncached = gpu_model.rolling_cycle(1, 10, 10, 0.3, cache="none")
+    assert [c.teacher_tokens for c in uncached] == [13, 16, 19, 20]  # the teacher over context + chunk
+    # 32 slots of a 256-token prompt, chunk 103: 32 x 359 teacher tokens at depth 0, 32 x 104 at depth 412
+    assert gpu_model.rolling_step(32, 256, 0, 103).teacher_tokens == 32 * 359 == 11_488
+    assert gpu_model.rolling_step(32, 256, 412, 103).teacher_tokens == 32 * 104 == 3_328
+    assert gpu_model.rolling_step(32, 256, 412, 103, cache="none").teacher_tokens == 32 * (668 + 103)
+    with pytest.raises(ValueError, match="cache='student'"):
+        gpu_model.rolling_step(1, 10, 0, 3, cache="student")
+    # the wide methods' prompts: ceil(B / rho), as the demo's `<method>-wide<rho>` (320 at B = 32, 40 at B = 4)
+    assert [gpu_model.wide_batch(b, 0.1) for b in (32, 4, 64, 1)] == [320, 40, 640, 10]
+    assert gpu_model.wide_batch(3, 0.3) == 10 and gpu_model.wide_batch(3, 0.25) == 12
     # one step's seconds, term by term, at exact rates (efficiency 1, MFU 1) and a KV-free model
     model = gpu_model.Model("m", backbone_params=900_000_000, head_params=100_000_000, kv_bytes_per_token=0)
     seconds = gpu_model.step_seconds(s, model, model, gpu_model.Rates(H100, EXACT))
@@ -195,9 +207,72 @@ def test_cost_model_methods_follow_the_library_horizons():
     rolling = rows["Rolling rho=0.1"].shapes  # 10 chunks: 9 of 103, the last of 97; mean depth 4.5 x 103
     assert [s.decode_iterations for s in rolling] == [103] * 9 + [97]
     assert sum(s.decode_start_context - 32 for s in rolling) / len(rolling) == pytest.approx(4.5 * 103)
+    # wide: ceil(4 / 0.1) = 40 prompts or slots, OPD's trained tokens per update (4 x 1024) in 103 decode iterations
+    topd_wide = rows["TOPD rho=0.1 wide"].shapes
+    assert [(s.batch, s.decode_iterations, s.trained_positions) for s in topd_wide] == [(40, 103, 40 * 103)]
+    wide = rows["Rolling rho=0.1 wide"].shapes
+    assert {s.batch for s in wide} == {40} and sum(s.trained_positions for s in wide) / len(wide) == 4 * 1024
+    assert [s.teacher_tokens for s in wide] == [40 * (32 + 103)] + [40 * 104] * 8 + [40 * 98]
+    uncached = rows["Rolling rho=0.1 wide, uncached"].shapes
+    assert [s.teacher_tokens for s in uncached] == [40 * (32 + d + min(103, 1024 - d)) for d in range(0, 1024, 103)]
+    assert {s.student_context_tokens for s in rows["Rolling rho=0.1 wide, teacher cache only"].shapes} != {0}
     if os.path.exists(gpu_model.DEMO_RESULTS):  # the adaptive schedule is the demo's, measured
         adaptive = [s.decode_iterations for s in rows["Adaptive 0.1-1"].shapes]
         assert set(adaptive) >= {103, 1024}
+
+
+def test_cost_model_prices_the_wide_batch_and_its_caches():
+    rates = gpu_model.Rates(H100, EXACT)
+    student, teacher = gpu_model.STUDENT, gpu_model.TEACHER
+    # decode reads every slot's KV each iteration: TOPD wide's 103 iterations at batch 640, not 64
+    topd_wide = gpu_model.standard_step(640, 256, 103)
+    assert gpu_model.step_seconds(topd_wide, student, teacher, rates)["decode"] == pytest.approx(
+        rates.decode_seconds(student, 640, 256, 103))
+    assert rates.decode_line(student, 640)[1] == pytest.approx(10 * rates.decode_line(student, 64)[1])
+    # per-token KV bytes: layers x 2 x kv_heads x head_dim x 2 bytes (bf16)
+    assert teacher.kv_bytes_per_token == 28 * 2 * 4 * 128 * 2 == 57_344
+    assert student.kv_bytes_per_token == 28 * 2 * 2 * 128 * 2 == 28_672
+    # the wide rolling teacher cache: 40 slots x the mean tokens held (prompt + depth + chunk) over the cycle
+    memory = {(r["method"], r["cache"]): r for r in gpu_model.cache_memory(gpu_model.Scenario(batch=4, prompt=32))}
+    held = 32 + (103 * (1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 9) + 1024) / 10  # 597.9
+    cache = memory["Rolling rho=0.1 wide", "teacher, kept across steps"]
+    assert (cache["slots"], cache["peak_tokens_per_slot"]) == (40, 32 + 1024)
+    assert cache["tokens_per_slot"] == pytest.approx(held)
+    assert cache["bytes"] == pytest.approx(40 * held * 57_344)
+    assert memory["TOPD rho=0.1 wide", "student, in generate"]["bytes"] == 40 * (32 + 103) * 28_672
+
+
+def test_cost_model_prices_measured_counts_and_reads_older_files(tmp_path):
+    settings = {"max_completion_length": 10, "batch_size": 2}
+    counted = {"prompts_started": 4, "prefill_tokens": 40, "student_nograd_tokens": 0, "student_grad_tokens": 60,
+               "teacher_tokens": 60}
+    runs = [{"name": "OPD", "batch_size": 2, "horizons": [10, 10], "decode_iterations": 20, "tokens_generated": 40,
+             "trained_tokens": 40, "counts": counted},
+            {"name": "Rolling rho=0.1 wide", "batch_size": 20, "horizons": [1, 1], "decode_iterations": 2,
+             "tokens_generated": 40, "trained_tokens": 40,
+             "counts": {"prompts_started": 20, "prefill_tokens": 440, "student_nograd_tokens": 400,
+                        "student_grad_tokens": 80, "teacher_tokens": 260}},
+            {"name": "TOPD rho=0.1", "batch_size": 2, "horizons": [1, 1], "decode_iterations": 2,
+             "tokens_generated": 4, "trained_tokens": 4}]  # an older record: no "counts"
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"settings": settings, "methods": runs}))
+    model = gpu_model.Model("m", backbone_params=900_000_000, head_params=100_000_000, kv_bytes_per_token=0)
+    lines, rows = gpu_model.measured_counts(str(path), str(tmp_path / "absent.json"),
+                                            priced=(model, model, gpu_model.Rates(H100, EXACT)))
+    by = {r["method"]: r for r in rows}
+    wide = by["Rolling rho=0.1 wide"]  # per step: the files' totals over 2 steps
+    assert (wide["prefill_tokens"], wide["student_nograd_tokens"], wide["student_grad_tokens"],
+            wide["teacher_tokens"], wide["prompts_started"]) == (220, 200, 40, 130, 10)
+    assert set(gpu_model.MEASURED_COUNTS) <= set(wide["measured"])
+    shape = gpu_model.measured_shape(wide)  # every count measured; decoding from the mean context 220 / 20
+    assert (shape.batch, shape.decode_iterations, shape.decode_start_context, shape.teacher_tokens) == (20, 1, 11, 130)
+    assert wide["seconds_per_trained"] == pytest.approx(gpu_model.step_seconds(shape, model, model, gpu_model.Rates(
+        H100, EXACT))["step"] / 20)
+    assert wide["vs_opd"] == pytest.approx(wide["seconds_per_trained"] / by["OPD"]["seconds_per_trained"])
+    old = by["TOPD rho=0.1"]  # an older record is listed, unpriced
+    assert old["teacher_tokens"] is None and old["seconds_per_trained"] is None
+    assert not set(gpu_model.MEASURED_COUNTS) & set(old["measured"])
+    assert any("| TOPD rho=0.1 |" in line and line.endswith("| – |") for line in lines)
 
 
 def test_cost_model_reads_measured_rates():
@@ -219,13 +294,28 @@ def test_cost_model_tables_and_its_checks():
     # The Qwen2.5 shapes' totals (the model cards' 1.54B and 7.61B): 1.5B tied, 7B with an untied input embedding
     assert gpu_model.STUDENT.params == 1_543_714_304
     assert gpu_model.TEACHER.params + gpu_model.TEACHER.head_params == 7_615_616_512
-    text, payload = gpu_model.report(gpu_model.Scenario())
-    for piece in ("| OPD |", "| TOPD rho=0.1 |", "| Rolling rho=0.1 |", "ESR", "assumed"):
+    text, payload = gpu_model.report(gpu_model.Scenario(), lengths=(1024, 4096))
+    for piece in ("| OPD |", "| TOPD rho=0.1 |", "| Rolling rho=0.1 |", "| Rolling rho=0.1 wide |", "**L = 4096.**",
+                  "teacher, kept across steps", "ESR", "assumed"):
         assert piece in text
-    for rows in payload["columns"].values():
-        by = {r["method"]: r for r in rows}
-        assert by["TOPD rho=0.1"]["step"] < by["Rolling rho=0.1"]["step"] < by["OPD"]["step"]
-        assert by["Rolling rho=0.1"]["decode_iterations"] <= by["TOPD rho=0.1"]["decode_iterations"] == 103
+    assert [t["length"] for t in payload["tables"]] == [1024, 4096]
+    for table in payload["tables"]:
+        for rows in table["columns"].values():
+            by = {r["method"]: r for r in rows}
+            assert by["TOPD rho=0.1"]["step"] < by["OPD"]["step"] and by["Rolling rho=0.1"]["step"] < by["OPD"]["step"]
+            assert by["Rolling rho=0.1"]["decode_iterations"] <= by["TOPD rho=0.1"]["decode_iterations"]
+            # wide: OPD's trained positions in TOPD's decode iterations; the teacher's cache changes its term only,
+            # the student's (generation's keys and values for the loss) its context term only
+            wide, teacher_only = by["Rolling rho=0.1 wide"], by["Rolling rho=0.1 wide, teacher cache only"]
+            uncached = by["Rolling rho=0.1 wide, uncached"]
+            assert wide["trained_positions"] == by["OPD"]["trained_positions"]
+            chunk = gpu_model.ratio_to_tokens(0.1, table["length"])
+            assert wide["decode_iterations"] <= by["TOPD rho=0.1 wide"]["decode_iterations"] == chunk
+            assert teacher_only["teacher"] < uncached["teacher"] and teacher_only["step"] - teacher_only[
+                "teacher"] == pytest.approx(uncached["step"] - uncached["teacher"])
+            assert wide["student_context"] == 0 < teacher_only["student_context"]
+            assert wide["step"] - wide["student_context"] == pytest.approx(
+                teacher_only["step"] - teacher_only["student_context"])
     # the model's step cost is about linear in the horizon: it cannot produce ESR's 24x for 10x the tokens
     assert all(r["ratio"] < 13 for r in payload["esr"])
     if "cpu_check" in payload:  # measured: on the CPU, step time follows tokens (TOPD 0.1: 0.102 of full's)

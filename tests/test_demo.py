@@ -73,8 +73,8 @@ def test_quick_command_writes_results_and_plot(tmp_path):
     for key in ("teacher_accuracy", "student_accuracy", "machine", "methods", "bars"):
         assert key in results
     names = [m["name"] for m in results["methods"]]
-    assert names == ["OPD", "OPD matched rho=0.1", "TOPD rho=0.1", "Rolling rho=0.1", "POPD linear 0.1->1",
-                     "Anchored rho=0.1 every 10", "Adaptive 0.1-1"]
+    assert names == ["OPD", "OPD matched rho=0.1", "TOPD rho=0.1", "TOPD rho=0.1 wide", "Rolling rho=0.1",
+                     "Rolling rho=0.1 wide", "POPD linear 0.1->1", "Anchored rho=0.1 every 10", "Adaptive 0.1-1"]
     for m in results["methods"]:
         assert set(m) >= {"name", "horizon", "final_accuracy", "train_seconds", "tokens_generated",
                           "decode_iterations", "trained_tokens", "batch_size", "peak_memory_mb", "curve", "horizons",
@@ -84,14 +84,21 @@ def test_quick_command_writes_results_and_plot(tmp_path):
         assert all(0.0 <= p["accuracy"] <= 1.0 for p in m["curve"])
         # the curve carries the costs so far; a step decodes at most its horizon
         assert [p["decode_iterations"] for p in m["curve"]][0] == 0
-        seed = m["horizon"]["max_completion_length"] if m["horizon"]["horizon"] == "rolling" else 0  # its seed prefix
-        assert m["curve"][-1]["decode_iterations"] == m["decode_iterations"] <= sum(m["horizons"]) + seed
+        assert m["curve"][-1]["decode_iterations"] == m["decode_iterations"] <= sum(m["horizons"])
         if m["horizon"]["horizon"] != "rolling":  # no loss window: every generated token is trained
             assert m["trained_tokens"] == m["tokens_generated"] > 0
     by_name = {m["name"]: m for m in results["methods"]}
     # the token-matched baseline: OPD on ceil(0.1 x 8) = 1 prompt per step
     assert by_name["OPD matched rho=0.1"]["batch_size"] == 1 and by_name["OPD"]["batch_size"] == 8
     assert by_name["OPD matched rho=0.1"]["horizons"] == by_name["OPD"]["horizons"]
+    # the wide methods: ceil(8 / 0.1) = 80 prompts (slots) per step, a chunk's decode iterations per step
+    for name in ("TOPD rho=0.1 wide", "Rolling rho=0.1 wide"):
+        wide = by_name[name]
+        assert wide["batch_size"] == 80 and wide["decode_iterations"] <= results["settings"]["steps"] * 11
+    # rolling starts a prompt only where a rollout ended: fewer than one per slot and step, none dropped
+    rolling = by_name["Rolling rho=0.1 wide"]["counts"]
+    assert 80 <= rolling["prompts_started"] < 80 * results["settings"]["steps"]
+    assert rolling["student_nograd_tokens"] == 0 and rolling["teacher_tokens"] < rolling["prefill_tokens"]
     # the horizon is the cost: TOPD 0.1 generates at most ceil(0.1 L) tokens per rollout
     L = results["settings"]["max_completion_length"]
     steps, batch = results["settings"]["steps"], results["settings"]["batch_size"]

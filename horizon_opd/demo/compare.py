@@ -26,7 +26,10 @@ from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
 from .measure import PeakRSS, machine_description
 
-DEFAULT_METHOD_NAMES = ("opd", "opd-matched0.1", "topd0.1", "rolling", "popd", "anchored", "adaptive")
+# OPD and the two token-matched directions: OPD on TOPD's tokens per update (opd-matched0.1), TOPD and rolling on OPD's
+# (the -wide methods); then the horizon policies at the default batch.
+DEFAULT_METHOD_NAMES = ("opd", "opd-matched0.1", "topd0.1", "topd-wide0.1", "rolling", "rolling-wide0.1", "popd",
+                        "anchored", "adaptive")
 
 
 # `opd-matched<rho>`: OPD with the prompts per step of a truncated method's tokens per update (ceil(rho * B)).
