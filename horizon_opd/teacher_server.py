@@ -16,7 +16,8 @@ distillation client needs is implemented, in vLLM's response format (the fields 
     python -m horizon_opd.teacher_server --model PATH --port 8000   # teacher_model_server_url="http://127.0.0.1:8000"
 
 In Python: `with serve_teacher(model, tokenizer, port=0) as server: ... server.url ...` (port 0 picks a free port).
-It serves on the standard library's `ThreadingHTTPServer`; forward passes are serialised by a lock.
+It serves on the standard library's `ThreadingHTTPServer`; forward passes are serialised by a lock. Stopping it
+(`close`, or the end of the `with` block) waits for the requests in flight to be answered.
 """
 
 import argparse
@@ -75,7 +76,12 @@ class TeacherServer:
         self._model_lock = threading.Lock()
         self._decoded: dict[int, str] = {}
         self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
-        self._httpd.daemon_threads = True
+        # Handler threads are joined by `close` (server_close), not abandoned as daemons: a daemon thread still inside
+        # a forward pass when the interpreter exits is ended there when it takes the GIL back, which can abort the
+        # process. A stalled client cannot hold `close` up for longer than REQUEST_IO_TIMEOUT_S (the handler's socket
+        # timeout).
+        self._httpd.daemon_threads = False
+        self._httpd.block_on_close = True
         self.host, self.port = self._httpd.server_address[:2]
         self._thread = None
 
@@ -92,6 +98,7 @@ class TeacherServer:
         return self
 
     def close(self) -> None:
+        """Stop serving and wait for the requests in flight to be answered (or dropped by their client)."""
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()
@@ -219,8 +226,14 @@ class TeacherServer:
         return self.faults.status if number <= self.faults.fail_first else None
 
 
+# Seconds a handler waits on its socket (reading a request, writing an answer) before it drops the connection.
+REQUEST_IO_TIMEOUT_S = 60.0
+
+
 def _handler_for(server: TeacherServer):
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_IO_TIMEOUT_S
+
         def log_message(self, format, *args):  # requests are not logged: a training run sends thousands
             pass
 

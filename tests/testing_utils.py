@@ -145,6 +145,25 @@ def launch_accelerate(config: str | dict, script: str, settings: dict, run_dir: 
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def end_launched_process() -> None:
+    """The last call of a launched script (tests/distributed/), once its results are on disk: wait for the other
+    ranks, destroy the process group and leave without the interpreter's teardown.
+
+    Why not a plain return: gloo's worker threads outlive `destroy_process_group` (the C++ group is still referenced),
+    and a worker that finishes a collective releases its tensors' Python objects, which takes the GIL. If the
+    interpreter is finalizing by then (the trainer's last all_gather, `store_flos`, ends a few ms before the script
+    does), the thread is ended inside a noexcept destructor and the rank aborts after a run that succeeded
+    ("terminate called without an active exception", SIGABRT). The barrier blocks with the GIL released, so a worker
+    still releasing a finished collective gets it back before the group goes; `os._exit` then skips the finalization
+    no worker thread can be joined before."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def launch_output(run: subprocess.CompletedProcess) -> str:
     """The end of a launch's output, for assertion messages."""
     return run.stdout[-3000:] + run.stderr[-8000:]

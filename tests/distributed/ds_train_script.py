@@ -29,6 +29,7 @@ import sys
 
 import torch
 from datasets import load_from_disk
+from testing_utils import end_launched_process
 from transformers import AutoModelForCausalLM
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
@@ -177,12 +178,6 @@ def main(settings_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Every result is on disk. Leave without the interpreter's teardown: with DeepSpeed's CPU ops loaded (CPU Adam,
-    # the shared-memory communication op), destroying their native threads at exit intermittently aborts the process
-    # ("terminate called without an active exception", SIGABRT) after a run that succeeded.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Every result is on disk. Leave without the interpreter's teardown, where native threads (gloo's workers, and
+    # DeepSpeed's CPU ops when loaded) can abort a rank that succeeded.
+    end_launched_process()

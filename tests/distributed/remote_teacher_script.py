@@ -14,6 +14,7 @@ import sys
 
 import torch
 from datasets import load_from_disk
+from testing_utils import end_launched_process
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
 from horizon_opd.demo.tokenizer import build_char_tokenizer
@@ -56,3 +57,4 @@ def main(settings_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_launched_process()  # else a rank can abort at exit after a run that succeeded (see its docstring)
