@@ -57,10 +57,14 @@ CONFIGS = {
     # Rolling rollouts: each measured step continues the pool's rollouts by one chunk of ceil(0.1 L) tokens (the
     # warm-up step seeds the pool at staggered depths: the "prefix" warm-up, so the measured steps see the steady
     # state's depth mix), so the student re-encodes a mix of context depths each step; the teacher keeps each slot's
-    # keys and values across steps (`rolling_teacher_cache`), and `_nocache` re-encodes them as the student does.
+    # keys and values across steps (`rolling_teacher_cache`) and the student's loss reads generation's
+    # (`rolling_student_cache`); `_nocache` turns the teacher's off, `_uncached` both (every context encoded 3 times).
     "rolling_0.1": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1, "rolling_warmup": "prefix"},
     "rolling_0.1_nocache": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1,
                             "rolling_warmup": "prefix", "rolling_teacher_cache": False},
+    "rolling_0.1_uncached": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1,
+                             "rolling_warmup": "prefix", "rolling_teacher_cache": False,
+                             "rolling_student_cache": False},
     # Stages [0.1, 0.25, 0.5, 1.0] x L starting at [0, 25, 50, 75] % of max_steps; the last stage is reached by
     # starting at global step 75 of 100, as a resumed run would.
     "progressive_first": {"trainer": "horizon", "horizon": "progressive", "progressive_schedule": "stages",

@@ -25,6 +25,17 @@ def check_datasets(train_dataset, eval_dataset, args) -> None:
             f"Set max_steps to the number of optimizer steps (e.g. max_steps=1000): it bounds training and lays out "
             f"the horizon schedule and the learning-rate schedule."
         )
+    # TRL's sampler yields whole generation batches only: a dataset smaller than one would train for zero steps.
+    # Rolling draws prompts one at a time from its own stream, epoch after epoch, so any size >= 1 works there.
+    if args.horizon != "rolling" and train_dataset is not None and not isinstance(train_dataset, IterableDataset) \
+            and hasattr(train_dataset, "__len__"):
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if len(train_dataset) < batch:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} rows, fewer than one generation batch of {batch} prompts "
+                f"(per_device_train_batch_size={args.per_device_train_batch_size} x gradient_accumulation_steps="
+                f"{args.gradient_accumulation_steps} x {args.world_size} processes): TRL's sampler would yield no "
+                f"batch and training would run zero steps. Lower per_device_train_batch_size, or use more prompts.")
 
 
 def check_prompt_dataset(dataset, name: str) -> None:

@@ -191,3 +191,10 @@ def test_cli_streaming_needs_a_json_file(dataset, tmp_path, capsys):
         parse_args(argv)
     assert exit_info.value.code == 2
     assert "argument --streaming: streams a .json/.jsonl --dataset" in capsys.readouterr().err
+
+
+def test_a_dataset_smaller_than_one_generation_batch_is_refused_before_models_load(tmp_path, prompts):
+    args = make_args(tmp_path, per_device_train_batch_size=16, gradient_accumulation_steps=2)  # 32 > 16 rows
+    with pytest.raises(ValueError, match=r"train_dataset has 16 rows, fewer than one generation batch of 32"):
+        HorizonOPDTrainer(model="no/such-student", teacher_model="no/such-teacher", args=args,
+                          train_dataset=prompts)
