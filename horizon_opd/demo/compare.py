@@ -96,11 +96,12 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
     truncated run never generates past its horizon otherwise). Neither counts in `train_seconds` or in the costs.
     `batch_size` is the comparison's B; a token-matched method trains on `method.batch_size(B)` prompts per step."""
     batch_size = method.batch_size(batch_size)
-    if method.horizon.get("horizon") != "rolling" and batch_size > len(train_dataset):
+    rows = len(train_dataset) if hasattr(train_dataset, "__len__") else None  # a stream has no length
+    if method.horizon.get("horizon") != "rolling" and rows is not None and batch_size > rows:
         # TRL's sampler yields whole batches only; rolling draws one prompt per freed slot, epoch after epoch
-        print(f"{method.name}: {batch_size} prompts per step exceed the {len(train_dataset)} training prompts; "
-              f"trains on {len(train_dataset)}", file=sys.stderr)
-        batch_size = len(train_dataset)
+        print(f"{method.name}: {batch_size} prompts per step exceed the {rows} training prompts; trains on {rows}",
+              file=sys.stderr)
+        batch_size = rows
     evaluate = evaluate or (lambda model: evaluate_accuracy(model, tokenizer, eval_dataset, max_completion_length))
     watch = eval_dataset.select(range(min(watch_size, len(eval_dataset)))) if watch_size else None
     args = HorizonOPDConfig(
