@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from testing_utils import (
+    POLICY_SETTINGS,
     free_port,
     launch_accelerate,
     launch_output,
@@ -25,13 +26,7 @@ from horizon_opd.horizon import horizon_at
 from horizon_opd.remote_teacher import TeacherServerError
 from horizon_opd.teacher_server import ServerFaults, serve_teacher
 
-MODES = {
-    "full": {"horizon": "full"},
-    "truncated": {"horizon": "truncated", "truncation_ratio": 0.25},
-    "progressive": {"horizon": "progressive", "progressive_start_ratio": 0.125, "progressive_ramp_fraction": 0.5},
-    "anchored": {"horizon": "anchored", "truncation_ratio": 0.25, "anchor_every": 2},
-    "adaptive": {"horizon": "adaptive", "adaptive_probe_every": 2, "adaptive_min_ratio": 0.25},
-}
+MODES = POLICY_SETTINGS
 
 
 @pytest.fixture

@@ -8,20 +8,13 @@ from collections import Counter
 
 import pytest
 from datasets import Dataset, IterableDataset, IterableDatasetDict
-from testing_utils import logged, make_args, record_generations
+from testing_utils import POLICY_SETTINGS, logged, make_args, record_generations
 
 from horizon_opd import HorizonOPDTrainer
 from horizon_opd.horizon import HORIZON_POLICIES
 from horizon_opd.teacher_server import serve_teacher
 
-# Every policy but "rolling", whose prompt stream is built apart (tests/test_rolling.py).
-POLICIES = {
-    "full": {"horizon": "full"},
-    "truncated": {"horizon": "truncated", "truncation_ratio": 0.25},
-    "progressive": {"horizon": "progressive", "progressive_start_ratio": 0.125, "progressive_ramp_fraction": 0.5},
-    "anchored": {"horizon": "anchored", "truncation_ratio": 0.25, "anchor_every": 2},
-    "adaptive": {"horizon": "adaptive", "adaptive_probe_every": 2, "adaptive_min_ratio": 0.25},
-}
+POLICIES = POLICY_SETTINGS
 MISSING_TEACHER = "/nonexistent/teacher"  # a teacher path that fails to load: the check must come first
 
 

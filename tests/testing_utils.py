@@ -43,6 +43,17 @@ def tiny_causal_lm(vocab_size: int, hidden_size: int = 32, seed: int = 0, num_la
     return Qwen2ForCausalLM(config).eval()
 
 
+# One setting per horizon policy but "rolling" (whose prompt stream is tested apart, tests/test_rolling.py): short
+# horizons at L = 16 that every policy reaches within a few steps.
+POLICY_SETTINGS = {
+    "full": {"horizon": "full"},
+    "truncated": {"horizon": "truncated", "truncation_ratio": 0.25},
+    "progressive": {"horizon": "progressive", "progressive_start_ratio": 0.125, "progressive_ramp_fraction": 0.5},
+    "anchored": {"horizon": "anchored", "truncation_ratio": 0.25, "anchor_every": 2},
+    "adaptive": {"horizon": "adaptive", "adaptive_probe_every": 2, "adaptive_min_ratio": 0.25},
+}
+
+
 def make_args(output_dir, **overrides) -> HorizonOPDConfig:
     defaults = dict(
         per_device_train_batch_size=4,
