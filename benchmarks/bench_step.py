@@ -230,8 +230,9 @@ def make_trainer(name: str, preset, tokenizer, output_dir: str):
     spec = dict(CONFIGS[name])
     kind = spec.pop("trainer")
     start_fraction = spec.pop("start_fraction", 0.0)
-    student = common.build_model(preset, "student", seed=0)
-    teacher = common.build_model(preset, "teacher", seed=1)
+    # on_device: a 7B teacher initialised on the CPU takes minutes of a lent GPU's time (ignored without CUDA)
+    student = common.build_model(preset, "student", seed=0, on_device=True)
+    teacher = common.build_model(preset, "teacher", seed=1, on_device=True)
     texts = common.prompt_texts(preset, n=8 * preset.batch_size)
     common_args = dict(
         output_dir=output_dir, per_device_train_batch_size=preset.batch_size, gradient_accumulation_steps=1,
