@@ -102,14 +102,20 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
 
         > Parameters that control the remote teacher
 
-        teacher_model_server_url (`str` or `None`, *optional*, defaults to `None`):
+        teacher_model_server_url (`str`, `dict[str, str]` or `None`, *optional*, defaults to `None`):
             Root URL of a server that scores sequences for the teacher instead of a local `teacher_model` (TRL's
             `ServerDistillationConfig` name): vLLM's OpenAI-compatible server (`vllm serve TEACHER`) or the loopback
             server `python -m horizon_opd.teacher_server`, e.g. `"http://127.0.0.1:8000"`. The trainer posts prompt +
             completion token ids to `/v1/completions` with `prompt_logprobs`, and only the completion tokens each
             step generated are scored, so a shorter horizon also means fewer tokens scored. Needs `loss_type`
             `"sampled"`, `"sequence"` or `"topk_reverse_kl"` (a server returns log-probs, not full distributions)
-            and `temperature=1.0` (vLLM computes `prompt_logprobs` at temperature 1).
+            and `temperature=1.0` (vLLM computes `prompt_logprobs` at temperature 1). Several teachers: a dict
+            `{name: URL}` (a JSON object on the command line), alone or beside a dict `teacher_model` with other
+            names; each row's `teacher_id_column` names its teacher.
+        teacher_id_column (`str`, *optional*, defaults to `"teacher_id"`):
+            With several teachers (a dict `teacher_model` and/or a dict `teacher_model_server_url`), the dataset
+            column that names each prompt's teacher (TRL's `AsyncDistillationTrainer` name). Every row must name one
+            of the teachers. Not read with one teacher.
         loss_top_k (`int`, *optional*, defaults to `20`):
             k of `"topk_reverse_kl"`: the teacher's top-k tokens asked for at each position. vLLM refuses k above its
             `--max-logprobs` (default 20). The sampled-token losses ask for the actual tokens' log-probs only.
@@ -170,10 +176,14 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
         default=None,
         metadata={"help": "Train only on positions [start, end) of the horizon, as two fractions, e.g. 0.5 1.0."},
     )
-    teacher_model_server_url: str | None = field(
+    teacher_model_server_url: dict[str, str] | str | None = field(
         default=None,
         metadata={"help": "URL of a teacher server (vLLM /v1/completions with prompt_logprobs) used instead of a local "
-                          "teacher, e.g. http://127.0.0.1:8000."},
+                          "teacher, e.g. http://127.0.0.1:8000; several teachers: a JSON object {name: URL}."},
+    )
+    teacher_id_column: str = field(
+        default="teacher_id",
+        metadata={"help": "Several teachers: the dataset column naming each prompt's teacher."},
     )
     loss_top_k: int = field(
         default=20,
@@ -282,8 +292,11 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
                 isinstance(self.teacher_server_timeout, int | float) and self.teacher_server_timeout > 0):
             raise ValueError(f"teacher_server_timeout={self.teacher_server_timeout!r} must be a positive number of "
                              f"seconds, e.g. 120.")
+        if not isinstance(self.teacher_id_column, str) or not self.teacher_id_column:
+            raise ValueError(f"teacher_id_column={self.teacher_id_column!r} must be a column name, e.g. 'teacher_id'.")
+        urls = self.teacher_server_urls()  # parses a JSON object given as a string
         url = self.teacher_model_server_url
-        if url is None:
+        if urls is None:
             if self.loss_type == "topk_reverse_kl":
                 raise ValueError(
                     "loss_type='topk_reverse_kl' approximates the reverse KL from a teacher server's top-k log-probs, "
@@ -291,9 +304,11 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
                     "loss_type='reverse_kl' (exact) with a local teacher_model."
                 )
             return
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"teacher_model_server_url={url!r} is not an http(s) URL; pass the server's root, e.g. "
-                             f"'http://127.0.0.1:8000'.")
+        for name, one in urls.items():
+            if not isinstance(one, str) or not one.startswith(("http://", "https://")):
+                where = "" if name is None else f"[{name!r}]"
+                raise ValueError(f"teacher_model_server_url{where}={one!r} is not an http(s) URL; pass the server's "
+                                 f"root, e.g. 'http://127.0.0.1:8000'.")
         if self.loss_type not in REMOTE_LOSS_TYPES:
             raise ValueError(
                 f"loss_type={self.loss_type!r} needs the teacher's full next-token distributions, which a teacher "
@@ -306,7 +321,7 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
                 f"at temperature 1 whatever the request says, so the teacher could not be scored at "
                 f"{self.temperature!r}. Use temperature=1.0, or a local teacher_model."
             )
-        if self.teacher_model_init_kwargs is not None:
+        if self.teacher_model_init_kwargs is not None and not isinstance(url, dict):  # a dict may sit beside local ones
             raise ValueError(
                 f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} with teacher_model_server_url={url!r}: "
                 f"no teacher is loaded here. Drop teacher_model_init_kwargs (set dtype etc. on the server)."
@@ -316,6 +331,32 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
                 f"adaptive_signal='topk_overlap' with teacher_model_server_url={url!r}: the top-k overlap signal needs "
                 f"the teacher's hidden states, which a server does not return. Use adaptive_signal='reverse_kl'."
             )
+
+    def teacher_server_urls(self) -> dict | None:
+        """The teacher servers by name: `{name: URL}` for a dict (a JSON object string is parsed here, once), `{None:
+        URL}` for one URL, None without a server."""
+        url = self.teacher_model_server_url
+        if isinstance(url, str) and url.lstrip().startswith("{"):  # the command line's JSON object
+            import json
+
+            try:
+                url = json.loads(url)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"teacher_model_server_url={url!r} starts like a JSON object but does not parse "
+                                 f"({error}); pass e.g. '{{\"math\": \"http://127.0.0.1:8000\"}}'.") from None
+            self.teacher_model_server_url = url
+        if url is None:
+            return None
+        if isinstance(url, dict):
+            if not url:
+                raise ValueError("teacher_model_server_url={} names no teacher server; pass {name: URL, ...}, one URL, "
+                                 "or None.")
+            for name in url:
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"teacher_model_server_url has the key {name!r}; teacher names are non-empty "
+                                     f"strings, the values of the dataset's teacher_id_column.")
+            return dict(url)
+        return {None: url}
 
     def _check_generation_kwargs(self) -> None:
         gen_kwargs = self.generation_kwargs or {}

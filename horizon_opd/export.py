@@ -72,11 +72,17 @@ def distillation_section(trainer, dataset_name: str | None) -> str:
 
     args = trainer.args
     student = model_id(trainer.model)
-    remote = getattr(trainer, "remote_teacher", None)
-    if remote is not None:  # the server's URL and the model it serves (no weights were loaded here)
-        teacher_row = f"`{remote.model}` served at {remote.base_url}"
-    else:
-        teacher_row = _link(model_id(trainer.accelerator.unwrap_model(trainer.teacher_model)))
+    def describe(teacher) -> str:
+        if teacher.server is not None:  # the server's URL and the model it serves (no weights were loaded here)
+            return f"`{teacher.server.model}` served at {teacher.server.base_url}"
+        return _link(model_id(trainer.accelerator.unwrap_model(teacher.model)))
+
+    teachers = trainer.teachers
+    if getattr(trainer, "teacher_names", None) is None:
+        teacher_row = describe(teachers[0])
+    else:  # several teachers, each row of the data routed to one by its teacher_id_column
+        teacher_row = "; ".join(f"{t.name}: {describe(t)}" for t in teachers) + \
+            f" (each prompt's teacher named in column `{args.teacher_id_column}`)"
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     loss = {
         "reverse_kl": "exact token-level reverse KL(student ‖ teacher) over the vocabulary at each generated token",

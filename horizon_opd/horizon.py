@@ -67,6 +67,8 @@ class StepRecord:
     generated_tokens: int = 0
     decode_iterations: int = 0
     counts: dict[str, int] = field(default_factory=dict)  # the `monitor.COUNTERS`, summed over ranks
+    # several teachers: per teacher (in the trainer's order) [KL sum, trained tokens, tokens it encoded or scored]
+    teacher_sums: list[list[float]] | None = None
 
     def signal(self) -> tuple[list[float], list[float]]:
         return (self.signal_sums if self.signal_sums is not None else self.kl_sums), self.kl_counts

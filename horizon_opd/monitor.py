@@ -56,14 +56,26 @@ def ends_in_loop(ids: list[int], max_period: int = LOOP_MAX_PERIOD, min_span: in
 
 class StepMeter:
     """One optimizer step's per-position sums and counts on this rank (`add_tokens`, once per micro-batch) and its
-    rollouts (`add_rollouts`, once per generation); `finish` gathers them over ranks in one collective."""
+    rollouts (`add_rollouts`, once per generation); `finish` gathers them over ranks in one collective. With several
+    teachers (`num_teachers` > 0), `add_teacher` also sums each teacher's KL, trained tokens and encoded tokens."""
 
-    def __init__(self, max_completion_length: int):
+    def __init__(self, max_completion_length: int, num_teachers: int = 0):
         self.length = max_completion_length
+        self.num_teachers = num_teachers
         self._tensors = None
         self.rollouts = self.repeating = self.generated_tokens = 0
         self.decode_iterations = 0  # this rank's sequential decode steps: the longest rollout of each generate call
         self.counts = dict.fromkeys(COUNTERS, 0)
+        self.teacher_sums = [[0.0, 0.0, 0.0] for _ in range(num_teachers)]
+
+    def add_teacher(self, index: int, per_token: torch.Tensor, mask: torch.Tensor, teacher_tokens: int) -> None:
+        """Teacher `index`'s share of a micro-batch: its rows' per-token KL and mask (B_t, K), and the tokens it
+        encoded (a local teacher) or scored (a server) for them."""
+        mask = mask.to(per_token.device, torch.float64)
+        sums = self.teacher_sums[index]
+        sums[0] += float((per_token.detach().double() * mask).sum())
+        sums[1] += float(mask.sum())
+        sums[2] += int(teacher_tokens)
 
     def count(self, name: str, value) -> None:
         """Add `value` to one of the `COUNTERS` (a tensor is read once, here)."""
@@ -122,20 +134,26 @@ class StepMeter:
         packed = torch.cat([parts.get("kl", zeros).to(device), parts.get("count", zeros).to(device),
                             parts.get("signal", zeros).to(device) if with_signal else zeros[:0], per_rank,
                             torch.tensor([self.counts[name] for name in COUNTERS], dtype=torch.float64, device=device),
+                            torch.tensor([v for sums in self.teacher_sums for v in sums], dtype=torch.float64,
+                                         device=device),
                             torch.tensor([self.rollouts, self.repeating, self.generated_tokens], dtype=torch.float64,
                                          device=device)])
         if accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
         values = packed.tolist()
         L = self.length
+        teachers = 3 * self.num_teachers  # just before the last three values
+        teacher_values = values[len(values) - 3 - teachers:len(values) - 3]
+        del values[len(values) - 3 - teachers:len(values) - 3]
         record = StepRecord(
             step=step, horizon=horizon, kl_sums=values[:L], kl_counts=values[L:2 * L],
             signal_sums=values[2 * L:3 * L] if with_signal else None,
             rollouts=int(values[-3]), repeating=int(values[-2]), generated_tokens=int(values[-1]),
             decode_iterations=int(max(values[-3 - len(COUNTERS) - world:-3 - len(COUNTERS)])),
             counts={name: int(v) for name, v in zip(COUNTERS, values[-3 - len(COUNTERS):-3], strict=True)},
+            teacher_sums=[teacher_values[i:i + 3] for i in range(0, teachers, 3)] if teachers else None,
         )
-        self.__init__(self.length)
+        self.__init__(self.length, self.num_teachers)
         return record
 
 
@@ -152,13 +170,17 @@ class CostLedger:
     - the `COUNTERS` (prompts started, prefill tokens, tokens the student encoded with and without grad, tokens a
       local teacher encoded): what each forward encoded, to price a machine from counts.
 
+    - with several teachers, per teacher (`teachers[name]`): the tokens trained against it and the tokens it encoded
+      (a local teacher) or scored (a server) for training.
+
     Evaluation rollouts are not training cost: apart from the server's bill, they are not counted here."""
 
     FIELDS = ("steps", "decode_iterations", "generated_tokens", "trained_tokens", "teacher_scored_tokens") + COUNTERS
 
-    def __init__(self):
+    def __init__(self, teacher_names: list[str] | None = None):
         for name in self.FIELDS:
             setattr(self, name, 0)
+        self.teachers = {name: {"trained_tokens": 0, "teacher_tokens": 0} for name in teacher_names or []}
 
     def add_step(self, record: StepRecord) -> None:
         self.steps += 1
@@ -167,18 +189,30 @@ class CostLedger:
         self.trained_tokens += int(round(sum(record.kl_counts)))
         for name, value in record.counts.items():
             setattr(self, name, getattr(self, name) + value)
+        for totals, (_, trained, encoded) in zip(self.teachers.values(), record.teacher_sums or [], strict=False):
+            totals["trained_tokens"] += int(round(trained))
+            totals["teacher_tokens"] += int(round(encoded))
 
     def state_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        state = {name: getattr(self, name) for name in self.FIELDS}
+        if self.teachers:
+            state["teachers"] = {name: dict(totals) for name, totals in self.teachers.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.FIELDS:
             setattr(self, name, int(state.get(name, 0)))
+        saved = state.get("teachers", {})
+        for name, totals in self.teachers.items():
+            totals.update({k: int(v) for k, v in saved.get(name, {}).items()})
 
     def metrics(self) -> dict[str, float]:
-        """Cumulative figures for the training log (`horizon/decode_iterations`, ...)."""
+        """Cumulative figures for the training log (`horizon/decode_iterations`, ...; `teachers/<name>/...`)."""
         out = {f"horizon/{name}": float(getattr(self, name)) for name in self.FIELDS[1:4] + COUNTERS}
         out["teacher/scored_tokens"] = float(self.teacher_scored_tokens)
+        for name, totals in self.teachers.items():
+            for key, value in totals.items():
+                out[f"teachers/{name}/{key}"] = float(value)
         return out
 
 
@@ -191,8 +225,9 @@ class LogWindow:
     exactly into the window's mean per-token KL (not a mean of means, and not mixed across horizons: a position is
     binned by where it is, whatever the horizon of its step)."""
 
-    def __init__(self, max_completion_length: int, num_bins: int):
+    def __init__(self, max_completion_length: int, num_bins: int, teacher_names: list[str] | None = None):
         self.length, self.num_bins = max_completion_length, num_bins
+        self.teacher_names = list(teacher_names or [])
         self.reset()
 
     def reset(self):
@@ -201,8 +236,12 @@ class LogWindow:
         self.horizons: list[int] = []
         self.decode_iterations: list[int] = []
         self.rollouts = self.repeating = 0
+        self.teacher_sums = [[0.0, 0.0] for _ in self.teacher_names]  # KL sum, trained tokens
 
     def add(self, record: StepRecord) -> None:
+        for sums, (kl, trained, _) in zip(self.teacher_sums, record.teacher_sums or [], strict=False):
+            sums[0] += kl
+            sums[1] += trained
         self.kl_sums = [a + b for a, b in zip(self.kl_sums, record.kl_sums, strict=True)]
         self.kl_counts = [a + b for a, b in zip(self.kl_counts, record.kl_counts, strict=True)]
         self.horizons.append(record.horizon)
@@ -225,6 +264,10 @@ class LogWindow:
         if self.num_bins:
             for i, mean in enumerate(bin_means(self.kl_sums, self.kl_counts, span, self.num_bins)):
                 out[f"kl_by_position/bin_{i}"] = math.nan if mean is None else mean
+        trained = sum(count for _, count in self.teacher_sums)
+        for name, (kl, count) in zip(self.teacher_names, self.teacher_sums, strict=True):
+            out[f"teachers/{name}/kl"] = kl / count if count else math.nan
+            out[f"teachers/{name}/share"] = count / trained if trained else math.nan
         return out
 
 

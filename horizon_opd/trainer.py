@@ -33,6 +33,7 @@ from .monitor import CollapseAlarm, CostLedger, LogWindow, StepMeter
 from .rollout import PromptStream, RolloutPool
 from .remote_teacher import RemoteTeacher, attach_teacher_server, connect_teacher_server
 from .teacher import attach_teacher, load_teacher, register_student_head_for_zero3, vocab_slice
+from .teachers import Teacher, check_teacher_column, plan_teachers, teacher_indices
 
 # Inputs TRL extracts for vision-language models, forwarded untouched to both backbones. TRL keeps this tuple local to
 # its `_compute_loss`, so it cannot be imported; tests/test_trl_seams.py checks that the two stay equal.
@@ -63,8 +64,10 @@ class HorizonOPDTrainer(DistillationTrainer):
 
     Takes the same arguments as [`~trl.DistillationTrainer`]; `args` must be a [`HorizonOPDConfig`]. The teacher is
     either `teacher_model` (a model, or a path / Hub id) or a server at `args.teacher_model_server_url` (vLLM or
-    `horizon_opd.teacher_server`) that scores the rollouts over HTTP; exactly one of the two. The `args` object passed
-    in is copied, never modified.
+    `horizon_opd.teacher_server`) that scores the rollouts over HTTP; exactly one of the two. Several teachers are
+    named: `teacher_model={name: model or id}` and/or `teacher_model_server_url={name: URL}`, and each dataset row
+    names its teacher in `args.teacher_id_column` (`horizon_opd/teachers.py`). The `args` object passed in is copied,
+    never modified.
     """
 
     _tag_names = ["trl", "horizon-opd", "on-policy-distillation", "distillation"]
@@ -95,22 +98,16 @@ class HorizonOPDTrainer(DistillationTrainer):
             )
         # TRL adjusts a few fields of `args` in place (dataloader workers, checkpointing kwargs): work on a copy.
         args = copy.deepcopy(args)
-        url = args.teacher_model_server_url
-        if teacher_model is None and url is None:
-            raise ValueError("HorizonOPDTrainer needs a teacher_model (a model instance or a local path / Hub id), or "
-                             "teacher_model_server_url in the config to score with a teacher server.")
-        if teacher_model is not None and url is not None:
-            raise ValueError(
-                f"Both teacher_model ({_describe(teacher_model)}) and teacher_model_server_url={url!r} are set; the "
-                f"teacher is one or the other. Pass teacher_model=None to use the server, or drop the URL from the "
-                f"config to use the local teacher."
-            )
+        plan = plan_teachers(teacher_model, args.teacher_server_urls())  # {name: ("local" | "server", what)}
+        routed = None not in plan  # several named teachers, chosen per row by args.teacher_id_column
         if tools and args.horizon != "full":
             raise ValueError(
                 f"tools with horizon={args.horizon!r}: a tool-calling rollout spans several generations, each of which "
                 f"would get the whole horizon. Use horizon='full' with tools."
             )
         check_datasets(train_dataset, eval_dataset, args)
+        if routed:
+            self._check_teachers(plan, train_dataset, eval_dataset, args)
         if peft_config is not None and not isinstance(model, str) and is_peft_model(model):
             raise ValueError(
                 f"model is already a PeftModel (adapters {list(model.peft_config)}) and peft_config asks for another "
@@ -120,31 +117,36 @@ class HorizonOPDTrainer(DistillationTrainer):
         if args.push_to_hub:
             require_hub_token(args.hub_token)
         # A teacher server is checked before the student is loaded, so an unreachable URL fails in a second.
-        remote_teacher = connect_teacher_server(args) if url is not None else None
-        teacher_model = None if remote_teacher is not None else load_teacher(teacher_model, args)
+        loaded = {name: connect_teacher_server(args, what) if kind == "server" else None
+                  for name, (kind, what) in plan.items()}
+        loaded.update({name: load_teacher(what, args) for name, (kind, what) in plan.items() if kind == "local"})
         super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
                          tools=tools)
-        self.remote_teacher: RemoteTeacher | None = remote_teacher
         register_student_head_for_zero3(self)  # both losses read the student's lm_head weight directly
-        if remote_teacher is None:
-            self.teacher_model, self.shared_vocab_size = attach_teacher(self, teacher_model)
-        else:  # ids past the tokenizer are suppressed; the server's top-k ids past the student's head go to the tail
-            self.teacher_model, self.shared_vocab_size = None, attach_teacher_server(self, remote_teacher)
-        self.cost = CostLedger()  # what training has cost so far, over all ranks (decode iterations, tokens)
+        self.teachers: list[Teacher] = [self._attach(name, kind, loaded[name]) for name, (kind, _) in plan.items()]
+        # the run's names of its teachers, in the order of the batch's `teacher_index` (None: one teacher, no column)
+        self.teacher_names: list[str] | None = [t.name for t in self.teachers] if routed else None
+        only = self.teachers[0] if not routed else Teacher(None)
+        self.teacher_model = only.model  # the one local teacher (None with a server or several teachers)
+        self.remote_teacher: RemoteTeacher | None = only.server  # the one teacher server, likewise
+        self.shared_vocab_size = only.shared_vocab_size
+        self.cost = CostLedger(self.teacher_names)  # what training has cost so far, over all ranks
         self._pending_scored_tokens = 0  # tokens this rank's teacher-server requests scored, since the last gather
 
         self.horizon_policy: HorizonPolicy = args.horizon_policy()
         L = args.max_completion_length
-        self._meters = {"train": StepMeter(L), "eval": StepMeter(L)}
-        self._windows = {"train": LogWindow(L, args.position_bins), "eval": LogWindow(L, args.position_bins)}
+        per_teacher = len(self.teacher_names or [])
+        self._meters = {"train": StepMeter(L, per_teacher), "eval": StepMeter(L, per_teacher)}
+        self._windows = {"train": LogWindow(L, args.position_bins, self.teacher_names),
+                         "eval": LogWindow(L, args.position_bins, self.teacher_names)}
         self.alarm = CollapseAlarm(L, args.alarm_factor, args.alarm_repetition, args.horizon)
         self.horizon_history: list[int] = []  # the horizon of every optimizer step so far
         self._step_horizon = None
         self.rollout_pool: RolloutPool | None = None  # rollouts in flight across steps (horizon="rolling")
         self.prompt_stream: PromptStream | None = None  # where the pool's freed slots draw their prompts
-        self.teacher_cache: kv_cache.TeacherSlotCache | None = None  # the teacher's keys and values per slot
+        self.teacher_cache: kv_cache.TeacherSlotCache | None = None  # the one teacher's keys and values per slot
         self._generation_cache = None  # (step, generate's KV cache of the step's contexts, their padded width)
         if args.horizon == "rolling":
             self.rollout_pool = RolloutPool(
@@ -155,10 +157,47 @@ class HorizonOPDTrainer(DistillationTrainer):
                 self.prompt_stream = PromptStream(self.train_dataset, rank=self.accelerator.process_index,
                                                   world_size=self.accelerator.num_processes,
                                                   shuffle=self.shuffle_dataset, seed=args.seed)
-            if args.rolling_teacher_cache and self.teacher_model is not None and kv_cache.supports(
-                    self.accelerator.unwrap_model(self.teacher_model).config):
-                self.teacher_cache = kv_cache.TeacherSlotCache()
+            for teacher in self.teachers:  # each local teacher keeps its own slots' keys and values
+                if args.rolling_teacher_cache and teacher.model is not None and kv_cache.supports(
+                        self.accelerator.unwrap_model(teacher.model).config):
+                    teacher.cache = kv_cache.TeacherSlotCache()
+            self.teacher_cache = only.cache
         self.add_callback(_RestoreHorizonState(self))
+
+    @staticmethod
+    def _check_teachers(plan: dict, train_dataset, eval_dataset, args) -> None:
+        """Several teachers: what the datasets and the loss must offer before any model loads."""
+        names = list(plan)
+        for dataset, where in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            check_teacher_column(dataset, where, args.teacher_id_column, names)
+        local = [name for name, (kind, _) in plan.items() if kind == "local"]
+        if args.loss_type == "topk_reverse_kl" and local:
+            raise ValueError(f"loss_type='topk_reverse_kl' reads a teacher server's top-k, but the teacher(s) {local} "
+                             f"are local models. Use loss_type='sampled' (every teacher can give it), or serve them.")
+        if args.teacher_model_init_kwargs is not None and not any(isinstance(plan[n][1], str) for n in local):
+            raise ValueError(f"teacher_model_init_kwargs={args.teacher_model_init_kwargs!r}, but no teacher is loaded "
+                             f"from a path or Hub id. Drop teacher_model_init_kwargs, or pass a teacher's path.")
+
+    def _attach(self, name: str | None, kind: str, loaded) -> Teacher:
+        """A loaded teacher (or connected server) prepared for this trainer, after TRL's constructor ran; an error
+        names the teacher when there are several."""
+        try:
+            if kind == "local":
+                model, shared = attach_teacher(self, loaded)
+                return Teacher(name, model=model, shared_vocab_size=shared)
+            # ids past the tokenizer are suppressed; the server's top-k ids past the student's head go to the tail
+            return Teacher(name, server=loaded, shared_vocab_size=attach_teacher_server(self, loaded))
+        except ValueError as error:
+            if name is None:
+                raise
+            raise ValueError(f"Teacher {name!r}: {error}") from error
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if getattr(self, "teacher_names", None) is not None and \
+                self.args.teacher_id_column not in self._signature_columns:
+            # remove_unused_columns=True must keep the column that routes each row
+            self._signature_columns = [*self._signature_columns, self.args.teacher_id_column]
 
     # ----------------------------------------------------------------------------------------------- horizon
     def current_horizon(self) -> int:
@@ -251,14 +290,20 @@ class HorizonOPDTrainer(DistillationTrainer):
         if self._rolls():  # the step's rows are the slots' rows; freed slots draw the next prompts of the stream
             if self.prompt_stream is None:
                 raise ValueError("horizon='rolling' trains on rollouts of train_dataset's prompts: pass a train_dataset.")
-            if self.teacher_cache is not None:  # the last step's losses are done: its finished rollouts' keys can go
-                self.teacher_cache.drop(self.rollout_pool.finished_slots)
+            for teacher in self.teachers:  # the last step's losses are done: its finished rollouts' keys can go
+                if teacher.cache is not None:
+                    teacher.cache.drop(self.rollout_pool.finished_slots)
             started = self.rollout_pool.fill(self.prompt_stream.next)
             self._meters["train"].count("prompts_started", len(started))
-            inputs = self.rollout_pool.rows()
+            inputs = self.rollout_pool.rows()  # a slot keeps its row, and so its teacher, until its rollout ends
         elif self.model.training:
             self._meters["train"].count("prompts_started", len(inputs))
+        routes = None  # each row's teacher, read before generating so a row naming no teacher fails first
+        if self.teacher_names is not None:
+            routes = teacher_indices(inputs, self.args.teacher_id_column, self.teacher_names)
         batch = super()._generate_and_score_completions(inputs)
+        if routes is not None:  # travels with its row through TRL's shuffle and split, like the rolling keys below
+            batch["teacher_index"] = torch.tensor(routes, device=batch["completion_ids"].device)
         if self._rolls():  # where each chunk starts in its rollout, and its slot: they travel with the row through
             # TRL's shuffle and split
             device = batch["completion_ids"].device
@@ -287,8 +332,9 @@ class HorizonOPDTrainer(DistillationTrainer):
             self.rollout_pool.load_state_dict(state)
             if self.prompt_stream is not None and state.get("stream") is not None:
                 self.prompt_stream.load_state_dict(state["stream"])
-            if self.teacher_cache is not None:  # rebuilt from the contexts at the next step (same values)
-                self.teacher_cache.clear()
+            for teacher in self.teachers:  # rebuilt from the contexts at the next step (same values)
+                if teacher.cache is not None:
+                    teacher.cache.clear()
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -312,11 +358,14 @@ class HorizonOPDTrainer(DistillationTrainer):
 
     def _gather_scored_tokens(self) -> None:
         """Add the tokens every rank's teacher-server requests scored since the last call (one all-reduce)."""
-        if self.remote_teacher is None:
+        if not self._has_server():
             return
         pending = torch.tensor(self._pending_scored_tokens, device=self.accelerator.device)
         self.cost.teacher_scored_tokens += int(self.accelerator.reduce(pending, reduction="sum").item())
         self._pending_scored_tokens = 0
+
+    def _has_server(self) -> bool:
+        return any(teacher.server is not None for teacher in self.teachers)
 
     def _measures_signal(self) -> bool:
         """Whether this step needs the policy's own per-position signal besides the KL (top-k overlap on probes)."""
@@ -341,7 +390,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         metrics["horizon/alarm"] = float(self.alarm.active)
         if mode == "train":
             metrics.update(self.cost.metrics())
-            if self.remote_teacher is None:
+            if not self._has_server():
                 del metrics["teacher/scored_tokens"]
         for key, value in metrics.items():  # TRL's `log` adds the eval_ prefix and averages lists: one value each
             self._metrics[mode][key] = [value]
@@ -397,24 +446,62 @@ class HorizonOPDTrainer(DistillationTrainer):
                 unwrapped_student, input_ids, attention_mask, num_positions, **multimodal_inputs
             )  # (B, K, H_s)
             meter.count("student_grad_tokens", attention_mask.sum())
+        device = unwrapped_student.get_output_embeddings().weight.device
+        mask = loss_mask.to(device)
+        batch = {"hidden": student_hidden.to(device), "completion_ids": completion_ids.to(device), "mask": mask,
+                 "input_ids": input_ids, "attention_mask": attention_mask,
+                 "slots": inputs.get("rollout_slots") if self.model.training else None,
+                 # what a teacher server is sent
+                 "prompt_ids": inputs["prompt_ids"], "prompt_mask": inputs["prompt_mask"],
+                 "completion_mask": inputs["completion_mask"]}
+        routes = inputs.get("teacher_index") if self.teacher_names is not None else None
+        if routes is None:  # one teacher scores every row
+            grids = self._teacher_grids(self.teachers[0], unwrapped_student, batch, num_positions, multimodal_inputs)
+        else:  # each teacher scores its own rows; the grids are put back in the micro-batch's row order
+            grids, index = {}, routes.to(device)
+            if multimodal_inputs and len(set(routes.tolist())) > 1:
+                raise NotImplementedError("Several teachers in one micro-batch of images: the image tensors are not "
+                                          "split by row. Route a micro-batch to one teacher (batch by teacher_id).")
+            for t in sorted(set(routes.tolist())):
+                rows = (index == t).nonzero().squeeze(1)
+                part = {k: (v[rows.to(v.device)] if torch.is_tensor(v) else v) for k, v in batch.items()}
+                part_grids = self._teacher_grids(self.teachers[t], unwrapped_student, part, num_positions,
+                                                 multimodal_inputs, meter_index=t)
+                for key, grid in part_grids.items():
+                    if grid is not None:
+                        grids[key] = grids.get(key, grid.new_zeros(mask.shape)).index_copy(0, rows, grid)
+                    else:
+                        grids.setdefault(key, None)
+        per_token, entropy, signal = grids["per_token"], grids["entropy"], grids["signal"]
+        if self.args.loss_type == "sequence":  # the reward-to-go runs along each rollout: it needs (B, K)
+            per_token = sequence_kl_per_token(grids["student_logprobs"], grids["teacher_logprobs"], mask)
+        meter.add_tokens(per_token, mask, signal, offsets)
+        loss = masked_token_mean(per_token, mask, num_items_in_batch)
+        return loss, (entropy.detach() * mask).sum(), mask.sum()
+
+    def _teacher_grids(self, teacher: Teacher, unwrapped_student, batch: dict, num_positions: int, multimodal_inputs,
+                       meter_index: int | None = None) -> dict:
+        """One teacher's terms over the rows of `batch` (all of a micro-batch, or the rows routed to it), each on the
+        rows' (B_t, K) completion grid, zero where the mask is: `per_token` (the loss term), `entropy` (the
+        student's), `signal` (the policy's own, or None) and, for the sampled-token losses, `student_logprobs` and
+        `teacher_logprobs`."""
         student_head = unwrapped_student.get_output_embeddings()
-        device = student_head.weight.device
-        s_weight, s_bias = vocab_slice(student_head, self.shared_vocab_size)
+        mask = batch["mask"]
+        device = mask.device
+        s_weight, s_bias = vocab_slice(student_head, teacher.shared_vocab_size)
         # Project only the positions that are trained on (fewer tiles); Neuron compiles per shape, so it keeps all.
         compact = device.type != "neuron"
-        rows = (loss_mask.reshape(-1).to(device) != 0) if compact else slice(None)  # (B*K,)
-        student = _Head(student_hidden.to(device).reshape(-1, student_hidden.size(-1))[rows], s_weight, s_bias,
+        rows = (mask.reshape(-1) != 0) if compact else slice(None)  # (B*K,)
+        hidden = batch["hidden"]
+        student = _Head(hidden.reshape(-1, hidden.size(-1))[rows], s_weight, s_bias,
                         logit_postprocessing(unwrapped_student.config))  # hidden (N, H_s)
-        targets = completion_ids.reshape(-1).to(device)[rows]  # (N,)
-        if self.remote_teacher is None:
-            per_token, entropy, signal, student_logprobs, teacher_logprobs = self._local_teacher_terms(
-                student, targets, rows, input_ids, attention_mask, num_positions, multimodal_inputs,
-                inputs.get("rollout_slots") if self.model.training else None)
+        targets = batch["completion_ids"].reshape(-1)[rows]  # (N,)
+        if teacher.server is None:
+            terms, encoded = self._local_teacher_terms(
+                teacher, student, targets, rows, batch["input_ids"], batch["attention_mask"], num_positions,
+                multimodal_inputs, batch["slots"])
         else:
-            per_token, entropy, signal, student_logprobs, teacher_logprobs = self._remote_teacher_terms(
-                student, targets, rows, inputs)
-
-        mask = loss_mask.to(device)
+            terms, encoded = self._remote_teacher_terms(teacher, student, targets, rows, batch)
 
         def to_grid(values):  # (N,) -> (B, K); masked_scatter keeps an all-padding micro-batch connected to the graph
             if values is None:
@@ -423,12 +510,11 @@ class HorizonOPDTrainer(DistillationTrainer):
                 return values.view(mask.shape)
             return values.new_zeros(mask.shape).masked_scatter(mask.bool(), values)
 
-        per_token, entropy, signal = to_grid(per_token), to_grid(entropy), to_grid(signal)
-        if self.args.loss_type == "sequence":  # the reward-to-go runs along each rollout: it needs (B, K)
-            per_token = sequence_kl_per_token(to_grid(student_logprobs), to_grid(teacher_logprobs), mask)
-        meter.add_tokens(per_token, mask, signal, offsets)
-        loss = masked_token_mean(per_token, mask, num_items_in_batch)
-        return loss, (entropy.detach() * mask).sum(), mask.sum()
+        grids = {key: to_grid(value) for key, value in terms.items()}
+        if meter_index is not None:
+            self._meters["train" if self.model.training else "eval"].add_teacher(
+                meter_index, grids["per_token"], mask, encoded)
+        return grids
 
     def _rolled_hidden_state(self, unwrapped_model, input_ids, attention_mask, num_positions, slots=None):
         """The student's last hidden states (B, K, H) that predict the K chunk tokens ending `input_ids`, with the
@@ -485,28 +571,29 @@ class HorizonOPDTrainer(DistillationTrainer):
             return None
         return kv_cache.context_cache(cache, slots, length, unwrapped_model.config)
 
-    def _local_teacher_terms(self, student, targets, rows, input_ids, attention_mask, num_positions,
+    def _local_teacher_terms(self, teacher: Teacher, student, targets, rows, input_ids, attention_mask, num_positions,
                              multimodal_inputs, slots=None):
         """Per trained position (N,): the loss term, the student's entropy, the policy's signal (or None) and, for
-        the sampled-token losses, both log-probs of the actual tokens; the teacher is the local model. `slots`: each
-        row's rolling slot, whose cached context the teacher does not re-encode (`teacher_cache`)."""
+        the sampled-token losses, both log-probs of the actual tokens; `teacher` is a local model. `slots`: each
+        row's rolling slot, whose cached context the teacher does not re-encode (`teacher.cache`). Returns them by
+        name with the number of tokens the teacher encoded."""
         # The teacher backbone goes through its own wrapper, as in TRL, so DeepSpeed materializes its shards.
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        meter = self._meters["train" if self.model.training else "eval"]
+        teacher_model = teacher.model
+        teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(teacher_model)
         with torch.no_grad():
-            if slots is not None and self.teacher_cache is not None:
+            if slots is not None and teacher.cache is not None:
                 teacher_hidden, encoded = self._forward_redirection(
-                    self.teacher_model, unwrapped_teacher, self._cached_teacher_hidden_state, unwrapped_teacher,
-                    input_ids, attention_mask, num_positions, slots)
-                meter.count("teacher_tokens", encoded)
+                    teacher_model, unwrapped_teacher, self._cached_teacher_hidden_state, unwrapped_teacher,
+                    input_ids, attention_mask, num_positions, slots, teacher.cache)
             else:
                 teacher_hidden = self._forward_redirection(
-                    self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher, input_ids,
+                    teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher, input_ids,
                     attention_mask, num_positions, **multimodal_inputs,
                 )  # (B, K, H_t)
-                meter.count("teacher_tokens", attention_mask.sum())
-        t_weight, t_bias = vocab_slice(unwrapped_teacher.get_output_embeddings(), self.shared_vocab_size)
+                encoded = int(attention_mask.sum())
+        self._meters["train" if self.model.training else "eval"].count("teacher_tokens", encoded)
+        t_weight, t_bias = vocab_slice(unwrapped_teacher.get_output_embeddings(), teacher.shared_vocab_size)
         t_post = logit_postprocessing(unwrapped_teacher.config)
         h_t = teacher_hidden.to(targets.device).reshape(-1, teacher_hidden.size(-1))[rows]  # (N, H_t)
         h_s, s_weight, s_bias, s_post = student
@@ -531,27 +618,29 @@ class HorizonOPDTrainer(DistillationTrainer):
             signal = topk_disagreement_per_token(h_s, s_weight, h_t, t_weight, k=self.horizon_policy.adaptive_top_k,
                                                  student_bias=s_bias, teacher_bias=t_bias, student_post=s_post,
                                                  teacher_post=t_post)
-        return per_token, entropy, signal, student_logprobs, teacher_logprobs
+        return {"per_token": per_token, "entropy": entropy, "signal": signal, "student_logprobs": student_logprobs,
+                "teacher_logprobs": teacher_logprobs}, encoded
 
-    def _cached_teacher_hidden_state(self, unwrapped_teacher, input_ids, attention_mask, num_positions, slots):
+    def _cached_teacher_hidden_state(self, unwrapped_teacher, input_ids, attention_mask, num_positions, slots, cache):
         """As `_get_last_hidden_state` for the teacher on rolled chunks (B, K, H_t), encoding only what each slot's
         cache has not seen; returns it with the number of tokens encoded."""
         if is_peft_model(unwrapped_teacher):
             unwrapped_teacher = unwrapped_teacher.base_model.model
         completion_mask = attention_mask[:, -num_positions:]
         sequences = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
-        return self.teacher_cache.hidden_states(
+        return cache.hidden_states(
             unwrapped_teacher.base_model, unwrapped_teacher.config, sequences, slots.tolist(),
             completion_mask.sum(1).tolist(), num_positions, pad_id=self._tokenizer.pad_token_id)
 
-    def _remote_teacher_terms(self, student, targets, rows, inputs):
-        """As `_local_teacher_terms`, with the teacher's log-probs from the server: the actual tokens' for the
+    def _remote_teacher_terms(self, teacher: Teacher, student, targets, rows, inputs):
+        """As `_local_teacher_terms`, with the teacher's log-probs from its server: the actual tokens' for the
         sampled-token losses, the top-k + tail reverse KL for `topk_reverse_kl`. Temperature is 1 (the config
-        checks it), the one at which vLLM returns log-probs."""
+        checks it), the one at which vLLM returns log-probs. Returns the terms with the number of tokens scored."""
         h_s, s_weight, s_bias, s_post = student
-        scores = self.remote_teacher.score_batch(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
-                                                 inputs["completion_mask"])  # raises, naming the URL, on failure
-        self._pending_scored_tokens += int(scores.mask.sum())
+        scores = teacher.server.score_batch(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+                                            inputs["completion_mask"])  # raises, naming the URL, on failure
+        scored = int(scores.mask.sum())
+        self._pending_scored_tokens += scored
         head_rows = s_weight.ds_shape[0] if hasattr(s_weight, "ds_shape") else s_weight.size(0)
         scores = scores.restrict_vocab(head_rows)
         device = targets.device
@@ -561,13 +650,14 @@ class HorizonOPDTrainer(DistillationTrainer):
             teacher_topk = scores.topk_logprobs.to(device).reshape(-1, k)[rows]
             student_topk, entropy = logprobs_at(h_s, s_weight, topk_ids, temperature=self.temperature, bias=s_bias,
                                                 post=s_post, with_entropy=True)
-            return topk_reverse_kl_per_token(student_topk, teacher_topk), entropy, None, None, None
+            return {"per_token": topk_reverse_kl_per_token(student_topk, teacher_topk), "entropy": entropy,
+                    "signal": None, "student_logprobs": None, "teacher_logprobs": None}, scored
         student_logprobs, entropy = token_logprobs(
             h_s, s_weight, targets, temperature=self.temperature, bias=s_bias, post=s_post, with_entropy=True
         )
         teacher_logprobs = scores.actual_logprobs.to(device).reshape(-1)[rows]
-        return (sampled_kl_per_token(student_logprobs, teacher_logprobs), entropy, None, student_logprobs,
-                teacher_logprobs)
+        return {"per_token": sampled_kl_per_token(student_logprobs, teacher_logprobs), "entropy": entropy,
+                "signal": None, "student_logprobs": student_logprobs, "teacher_logprobs": teacher_logprobs}, scored
 
     # ----------------------------------------------------------------------------------------------- shipping
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
@@ -604,10 +694,6 @@ def _backbone(model):
     if is_peft_model(model):
         model = model.base_model.model
     return model.base_model
-
-
-def _describe(teacher) -> str:
-    return repr(teacher) if isinstance(teacher, str) else f"a {type(teacher).__name__}"
 
 
 class _RestoreHorizonState(TrainerCallback):

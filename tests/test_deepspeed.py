@@ -141,6 +141,33 @@ def test_zero3_progressive_with_uneven_rollouts_checkpoints_and_resumes(assets, 
 
 
 @pytest.mark.slow
+def test_zero3_two_teachers_route_rolling_rollouts_and_resume(assets, tokenizer):
+    """Two teachers under ZeRO-3 (both sharded; b's head padded past the tokenizer), prompts alternating between them,
+    rolling rollouts; a second run resumes from the first one's checkpoint at step 2 in the same launch."""
+    args = dict(horizon="rolling", truncation_ratio=0.25, max_steps=4, save_steps=2)
+    first = "zero3_teachers/out/first/checkpoint-2"
+    runs = launch_training(assets, "zero3_teachers", "zero3", "student", {"a": "teacher", "b": "teacher_padded"},
+                           args=args, teacher_ids=["a", "b"] * 8,
+                           runs=[{"name": "first"}, {"name": "resumed", "resume_from": str(assets / first)}])
+    for rank in runs["first"]:
+        assert rank["zero_stage"] == 3 and rank["global_step"] == 4 and rank["teacher_head_partitioned"]
+        routes = [i for g in rank["generations"] for i in g["teacher_index"]]
+        assert set(routes) == {0, 1}
+        shares = [logged_in(rank, f"teachers/{n}/share") for n in ("a", "b")]
+        assert all(a + b == pytest.approx(1.0) for a, b in zip(*shares, strict=True))
+        ledger = rank["ledger"]
+        assert sum(t["trained_tokens"] for t in ledger["teachers"].values()) == ledger["trained_tokens"] > 0
+    for first_rank, resumed_rank in zip(runs["first"], runs["resumed"], strict=True):
+        assert [g["step"] for g in resumed_rank["generations"]] == [2, 3]
+        for a, b in zip(first_rank["generations"][2:], resumed_rank["generations"], strict=True):
+            assert a["teacher_index"] == b["teacher_index"] and a["completion_ids"] == b["completion_ids"]
+        assert logged_in(resumed_rank, "loss")[-2:] == pytest.approx(logged_in(first_rank, "loss")[-2:], abs=1e-5)
+        for name in ("a", "b"):
+            assert resumed_rank["ledger"]["teachers"][name]["trained_tokens"] == \
+                first_rank["ledger"]["teachers"][name]["trained_tokens"]
+
+
+@pytest.mark.slow
 def test_zero3_truncated_trains_a_student_with_a_padded_vocabulary(assets, tokenizer):
     """A padded student head is gathered, sliced and copied per micro-batch; its gradient must still reach the
     ZeRO-3 partitioned parameter: the shared rows train, the padding rows (no gradient) stay as they were."""

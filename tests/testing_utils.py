@@ -180,14 +180,16 @@ def launch_output(run: subprocess.CompletedProcess) -> str:
     return run.stdout[-3000:] + run.stderr[-8000:]
 
 
-def launch_training(assets: Path, name: str, config: str | dict, student: str, teacher: str, cpu: bool = True,
+def launch_training(assets: Path, name: str, config: str | dict, student: str, teacher: str | dict, cpu: bool = True,
                     **settings):
     """`accelerate launch` tests/distributed/ds_train_script.py with `config` (a shipped one's name, adapted to 2 CPU
-    processes unless `cpu=False`, or a dict) on the models `student` and `teacher` in `assets` (`save_launch_assets`); fails with the
+    processes unless `cpu=False`, or a dict) on the models `student` and `teacher` (or {name: teacher}) in `assets`
+    (`save_launch_assets`); fails with the
     launch's output unless it exits cleanly. Returns both ranks' results, or {run name: results} when `settings` has
     `runs`."""
     run_dir = assets / name
-    settings = {"student": str(assets / student), "teacher": str(assets / teacher), "dataset": str(assets / "prompts"),
+    teacher = {k: str(assets / v) for k, v in teacher.items()} if isinstance(teacher, dict) else str(assets / teacher)
+    settings = {"student": str(assets / student), "teacher": teacher, "dataset": str(assets / "prompts"),
                 "output_dir": str(run_dir / "out"), "result_dir": str(run_dir / "result"), **settings}
     settings["args"] = {**LAUNCH_TRAIN_ARGS, **settings.get("args", {})}
     run = launch_accelerate(config, "ds_train_script.py", settings, run_dir, cpu=cpu)

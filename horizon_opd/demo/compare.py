@@ -149,7 +149,7 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
         "decode_iterations": trainer.cost.decode_iterations,
         "trained_tokens": trainer.cost.trained_tokens,
         "counts": {name: getattr(trainer.cost, name) for name in COUNTERS},
-        "teacher_scored_tokens": trainer.teacher_scored_tokens if trainer.remote_teacher is not None else None,
+        "teacher_scored_tokens": trainer.teacher_scored_tokens if trainer._has_server() else None,
         "peak_memory_mb": round(memory.peak, 1),
         "curve": curve,
         "horizons": list(trainer.horizon_history),

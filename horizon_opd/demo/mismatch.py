@@ -95,17 +95,18 @@ def prompt_ids(tokenizer, start: int) -> list[int]:
                                          add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
 
-def example(rng: random.Random, tokenizer, exit_table: dict[int, int] | None, corrupt_prob: float):
-    """Token ids and loss weights of one supervised chain from a random A start (the held-out prompts' included: they
-    are held out from distillation, as in the main demo). A corrupted value (teacher only) is drawn from A, so the
-    teacher learns to continue from any A state and never sees a B value."""
-    start = rng.randrange(REGION_SIZE)
+def example(rng: random.Random, tokenizer, exit_table: dict[int, int] | None, corrupt_prob: float,
+            region: range = range(REGION_SIZE)):
+    """Token ids and loss weights of one supervised chain from a random start in `region` (default A; the held-out
+    prompts' included: they are held out from distillation, as in the main demo). A corrupted value (teacher only) is
+    drawn from the same region, so a teacher of A learns to continue from any A state and never sees a B value."""
+    start = rng.choice(region)
     values, x, masked = [], start, None
     corrupt_at = rng.randrange(CHAIN_STEPS - 1) if rng.random() < corrupt_prob else -1
     for step in range(CHAIN_STEPS):
         x = walk(x, rng, exit_table, steps=1)[0]
         if step == corrupt_at:
-            x, masked = rng.choice([v for v in range(REGION_SIZE) if v != x]), step
+            x, masked = rng.choice([v for v in region if v != x]), step
         values.append(x)
     prompt = prompt_ids(tokenizer, start)
     completion = (tokenizer(completion_text(start, values), add_special_tokens=False)["input_ids"]

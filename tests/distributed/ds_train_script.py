@@ -5,7 +5,8 @@ Usage: accelerate launch --config_file <accelerate yaml> tests/distributed/ds_tr
 
 Each rank writes `<result_dir>/rank{r}.json`: the horizon and completion lengths of every generation batch it made,
 its log history and final step, so the test can compare ranks. Settings (all JSON keys):
-  student, teacher, dataset: local paths (save_pretrained / save_to_disk); output_dir, result_dir
+  student, teacher, dataset: local paths (save_pretrained / save_to_disk); output_dir, result_dir; `teacher` may be
+           {name: path} (several teachers), with teacher_ids: the dataset's teacher_id column, one name per row
   args: HorizonOPDConfig overrides; resume_from: checkpoint path or null
   eos_rank: this rank's rollouts all stop at their first token (every token but EOS is suppressed), so the ranks
             generate different numbers of tokens within one step
@@ -81,8 +82,11 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **settings["lora"])
+    if settings.get("teacher_ids"):
+        dataset = dataset.add_column("teacher_id", settings["teacher_ids"])
     trainer = HorizonOPDTrainer(model=settings["student"], teacher_model=settings["teacher"], args=args,
                                 train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    first_teacher = trainer.teachers[0].model
     suppress = []
     if settings.get("eos_rank") == rank:
         suppress += [i for i in range(len(tokenizer)) if i != tokenizer.eos_token_id]
@@ -105,16 +109,18 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
             # rolling rollouts: where each chunk starts in its rollout, and the chunks themselves (resume checks)
             "completion_offsets": batch["completion_offsets"].tolist() if "completion_offsets" in batch else None,
             "completion_ids": batch["completion_ids"].tolist(),
+            "teacher_index": batch["teacher_index"].tolist() if "teacher_index" in batch else None,
         })
         return batch
 
     trainer._generate_and_score_completions = recording
     record = settings.get("record_weights")
     if record:
-        student_before, teacher_before = _full_values(trainer.model), _full_values(trainer.teacher_model)
+        student_before, teacher_before = _full_values(trainer.model), _full_values(first_teacher)
     trainer.train(resume_from_checkpoint=settings.get("resume_from"))
 
-    teacher_head = trainer.accelerator.unwrap_model(trainer.teacher_model).get_output_embeddings().weight
+    teacher_heads = [trainer.accelerator.unwrap_model(t.model).get_output_embeddings().weight
+                     for t in trainer.teachers]
     result.update(
         generations=generations,
         global_step=trainer.state.global_step,
@@ -122,13 +128,14 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
         shared_vocab_size=trainer.shared_vocab_size,
         horizon_history=list(trainer.horizon_history),
         policy_decisions=[d["ratio"] for d in getattr(trainer.horizon_policy, "decisions", [])],
-        teacher_head_partitioned=hasattr(teacher_head, "ds_shape") and teacher_head.numel() == 0,
+        teacher_head_partitioned=all(hasattr(h, "ds_shape") and h.numel() == 0 for h in teacher_heads),
+        ledger=trainer.cost.state_dict(),
     )
     if settings.get("report_partitioning"):
         result["partitioning"] = {
             f"{role}.{name}": _zero3_holding(getattr(model, getter)().weight)
             for role, model in (("student", trainer.accelerator.unwrap_model(trainer.model)),
-                                ("teacher", trainer.accelerator.unwrap_model(trainer.teacher_model)))
+                                ("teacher", trainer.accelerator.unwrap_model(first_teacher)))
             for name, getter in (("lm_head", "get_output_embeddings"), ("embed_tokens", "get_input_embeddings"))
         }
     result["distributed_type"] = trainer.accelerator.distributed_type.value
@@ -143,7 +150,7 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
         result["offload"] = {k: None if v is None else getattr(v.device, "value", str(v.device))
                              for k, v in offload.items()}
     if record:
-        student_after, teacher_after = _full_values(trainer.model), _full_values(trainer.teacher_model)
+        student_after, teacher_after = _full_values(trainer.model), _full_values(first_teacher)
         result["student_changed"] = sorted(n for n, v in student_after.items() if not torch.equal(v, student_before[n]))
         result["student_unchanged"] = sorted(n for n, v in student_after.items() if torch.equal(v, student_before[n]))
         result["teacher_changed"] = sorted(n for n, v in teacher_after.items() if not torch.equal(v, teacher_before[n]))
