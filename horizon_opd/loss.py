@@ -82,7 +82,7 @@ def reverse_kl_per_token(
         )
 
     n = student_hidden.size(0)
-    if student_hidden.device.type != "cpu" or n <= CPU_ROW_BLOCK or _zero3_enabled():
+    if student_hidden.device.type != "cpu" or n <= CPU_ROW_BLOCK or zero3_enabled():
         # Under ZeRO-3 every kernel call gathers the partitioned lm_heads (forward and backward): a collective. One call
         # per rank keeps the number of collectives independent of how many tokens each rank holds.
         return divergence(student_hidden, teacher_hidden)
@@ -131,7 +131,7 @@ def topk_disagreement_per_token(
     return torch.cat(out)
 
 
-def _zero3_enabled() -> bool:
+def zero3_enabled() -> bool:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()

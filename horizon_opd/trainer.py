@@ -27,6 +27,7 @@ from .loss import (
     token_logprobs,
     topk_disagreement_per_token,
     topk_reverse_kl_per_token,
+    zero3_enabled,
 )
 from . import kv_cache
 from .monitor import CollapseAlarm, CostLedger, LogWindow, StepMeter
@@ -458,20 +459,32 @@ class HorizonOPDTrainer(DistillationTrainer):
         if routes is None:  # one teacher scores every row
             grids = self._teacher_grids(self.teachers[0], unwrapped_student, batch, num_positions, multimodal_inputs)
         else:  # each teacher scores its own rows; the grids are put back in the micro-batch's row order
-            grids, index = {}, routes.to(device)
+            grids, index, idle = {}, routes.to(device), []
             if multimodal_inputs and len(set(routes.tolist())) > 1:
                 raise NotImplementedError("Several teachers in one micro-batch of images: the image tensors are not "
                                           "split by row. Route a micro-batch to one teacher (batch by teacher_id).")
-            for t in sorted(set(routes.tolist())):
+            for t, teacher in enumerate(self.teachers):
                 rows = (index == t).nonzero().squeeze(1)
+                if len(rows) == 0:
+                    # Under ZeRO-3 a local teacher's forward and its head's gathers are collectives: every rank runs
+                    # every local teacher on every micro-batch, an idle one on one row with nothing trained.
+                    if teacher.model is None or not zero3_enabled():
+                        continue
+                    part = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items()}
+                    part.update(mask=torch.zeros_like(part["mask"]), slots=None)
+                    idle.append(self._teacher_grids(teacher, unwrapped_student, part, num_positions,
+                                                    multimodal_inputs, count=False)["per_token"])
+                    continue
                 part = {k: (v[rows.to(v.device)] if torch.is_tensor(v) else v) for k, v in batch.items()}
-                part_grids = self._teacher_grids(self.teachers[t], unwrapped_student, part, num_positions,
-                                                 multimodal_inputs, meter_index=t)
+                part_grids = self._teacher_grids(teacher, unwrapped_student, part, num_positions, multimodal_inputs,
+                                                 meter_index=t)
                 for key, grid in part_grids.items():
                     if grid is not None:
                         grids[key] = grids.get(key, grid.new_zeros(mask.shape)).index_copy(0, rows, grid)
                     else:
                         grids.setdefault(key, None)
+            for grid in idle:  # zeros, kept in the graph so every rank's backward gathers the same heads
+                grids["per_token"] = grids["per_token"] + 0.0 * grid.sum()
         per_token, entropy, signal = grids["per_token"], grids["entropy"], grids["signal"]
         if self.args.loss_type == "sequence":  # the reward-to-go runs along each rollout: it needs (B, K)
             per_token = sequence_kl_per_token(grids["student_logprobs"], grids["teacher_logprobs"], mask)
@@ -480,11 +493,12 @@ class HorizonOPDTrainer(DistillationTrainer):
         return loss, (entropy.detach() * mask).sum(), mask.sum()
 
     def _teacher_grids(self, teacher: Teacher, unwrapped_student, batch: dict, num_positions: int, multimodal_inputs,
-                       meter_index: int | None = None) -> dict:
+                       meter_index: int | None = None, count: bool = True) -> dict:
         """One teacher's terms over the rows of `batch` (all of a micro-batch, or the rows routed to it), each on the
         rows' (B_t, K) completion grid, zero where the mask is: `per_token` (the loss term), `entropy` (the
         student's), `signal` (the policy's own, or None) and, for the sampled-token losses, `student_logprobs` and
-        `teacher_logprobs`."""
+        `teacher_logprobs`. `meter_index`: the teacher's place in the per-teacher logs; `count=False`: a ZeRO-3 idle
+        teacher's forward, not a cost of training."""
         student_head = unwrapped_student.get_output_embeddings()
         mask = batch["mask"]
         device = mask.device
@@ -511,9 +525,11 @@ class HorizonOPDTrainer(DistillationTrainer):
             return values.new_zeros(mask.shape).masked_scatter(mask.bool(), values)
 
         grids = {key: to_grid(value) for key, value in terms.items()}
+        meter = self._meters["train" if self.model.training else "eval"]
+        if count and teacher.server is None:
+            meter.count("teacher_tokens", encoded)
         if meter_index is not None:
-            self._meters["train" if self.model.training else "eval"].add_teacher(
-                meter_index, grids["per_token"], mask, encoded)
+            meter.add_teacher(meter_index, grids["per_token"], mask, encoded)
         return grids
 
     def _rolled_hidden_state(self, unwrapped_model, input_ids, attention_mask, num_positions, slots=None):
@@ -592,7 +608,6 @@ class HorizonOPDTrainer(DistillationTrainer):
                     attention_mask, num_positions, **multimodal_inputs,
                 )  # (B, K, H_t)
                 encoded = int(attention_mask.sum())
-        self._meters["train" if self.model.training else "eval"].count("teacher_tokens", encoded)
         t_weight, t_bias = vocab_slice(unwrapped_teacher.get_output_embeddings(), teacher.shared_vocab_size)
         t_post = logit_postprocessing(unwrapped_teacher.config)
         h_t = teacher_hidden.to(targets.device).reshape(-1, teacher_hidden.size(-1))[rows]  # (N, H_t)

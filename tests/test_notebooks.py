@@ -233,6 +233,7 @@ def test_02_horizon_study_runs_and_draws_its_three_figures(tmp_path):
         assert re.search(rf"{re.escape(name)}\s+final accuracy [0-9.]+\s+train seconds", text), name
         assert re.search(rf"after {re.escape(name)}\s+KL in the first bin", text), name
     assert "student before training" in text
+    assert re.search(r"'teachers/even/share': 0\.\d+", text) and "'teachers/odd/kl'" in text  # section 5, routed
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ The mismatch task's values form two regions, A (000..099) and B (100..199), each
 
 - teacher A was trained on chains of A only (the mismatch task's teacher): right on A, and it never saw a B value;
 - teacher B was trained the same way on chains of B only: right on B, blind on A;
-- the student was trained on chains of both regions for fewer steps: it writes the format and knows part of each
-  cycle.
+- the student was trained on chains of both regions, except that at `CONFUSED` entries of each region its training
+  chains take a fixed wrong successor (in the same region) 70% of the time, as the main demo's student does: it
+  writes the format and both cycles, and greedily takes the wrong branch wherever a chain meets a confused entry.
 
 Distilled from teacher A alone, the student is taught A's cycle and gets arbitrary feedback on every B rollout (and
 the reverse for B); routed by region (`teacher_model={"A": ..., "B": ...}` and a `teacher_id` column naming each
@@ -28,7 +29,16 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-from .mismatch import ARCHITECTURE, CORRUPT_PROB, MAX_COMPLETION_LENGTH, NUM_VALUES, REGION_SIZE, answer, example
+from .mismatch import (
+    ARCHITECTURE,
+    CORRUPT_PROB,
+    MAX_COMPLETION_LENGTH,
+    NUM_VALUES,
+    REGION_SIZE,
+    SUCCESSOR,
+    answer,
+    example,
+)
 from .task import prompt_text
 from .tokenizer import build_char_tokenizer
 
@@ -36,6 +46,17 @@ REGIONS = {"A": range(0, REGION_SIZE), "B": range(REGION_SIZE, NUM_VALUES)}
 # The compared teacher configurations: which teachers score the rollouts (one: every prompt; two: each its region's).
 CONFIGS = {"teacher A alone": ("A",), "teacher B alone": ("B",), "A and B, routed by region": ("A", "B")}
 DEFAULT_METHODS = ("opd", "topd0.1")
+CONFUSED = 3  # entries of each region where the student's training chains take a wrong successor
+
+
+def confusions(per_region: int = CONFUSED, seed: int = 0) -> dict[int, int]:
+    """{entry: wrong successor}, `per_region` entries in each region, the wrong successor drawn from the same region."""
+    rng = random.Random(seed)
+    table = {}
+    for region in REGIONS.values():
+        for x in rng.sample(list(region), per_region):
+            table[x] = rng.choice([v for v in region if v != SUCCESSOR[x]])
+    return table
 
 
 def region_of(start: int) -> str:
@@ -60,7 +81,7 @@ def build_datasets(test_fraction: float = 0.4, seed: int = 0) -> DatasetDict:
     return DatasetDict(train=rows(train), test=rows(test))
 
 
-def build_models(*, teacher_steps: int = 600, student_steps: int = 150, seed: int = 0, log=print):
+def build_models(*, teacher_steps: int = 600, student_steps: int = 600, seed: int = 0, log=print):
     """(teachers {"A": model, "B": model}, student, tokenizer), trained from scratch on the chains described above."""
     from .evaluation import evaluate_accuracy
     from .train_models import build_model, fit
@@ -68,16 +89,16 @@ def build_models(*, teacher_steps: int = 600, student_steps: int = 150, seed: in
     tokenizer = build_char_tokenizer(number_tokens=NUM_VALUES)
     test = build_datasets()["test"]
 
-    def make(label, region, corrupt_prob, model_seed, steps):
+    def make(label, region, corrupt_prob, model_seed, steps, confused=None):
         model = build_model(label, tokenizer, model_seed, ARCHITECTURE, max_positions=64)
-        fit(model, lambda rng: example(rng, tokenizer, None, corrupt_prob, region), steps=steps, batch_size=32,
+        fit(model, lambda rng: example(rng, tokenizer, confused, corrupt_prob, region), steps=steps, batch_size=32,
             lr=3e-3, seed=model_seed + seed, eval_every=steps,
             evaluate=lambda m: evaluate_accuracy(m, tokenizer, test, MAX_COMPLETION_LENGTH), log=log, label=label)
         return model
 
     teachers = {name: make(f"teacher {name}", REGIONS[name], CORRUPT_PROB, i, teacher_steps)
                 for i, name in enumerate(REGIONS)}
-    student = make("student", range(NUM_VALUES), 0.0, 2, student_steps)
+    student = make("student", range(NUM_VALUES), 0.0, 2, student_steps, confusions(seed=seed))
     return teachers, student, tokenizer
 
 
@@ -93,7 +114,7 @@ def accuracy_by_region(model, tokenizer, test) -> dict[str, float]:
 
 
 def run(out: Path, *, seeds, steps: int, batch_size: int, learning_rate: float, eval_every: int,
-        method_names=DEFAULT_METHODS, teacher_steps: int = 600, student_steps: int = 150) -> dict:
+        method_names=DEFAULT_METHODS, teacher_steps: int = 600, student_steps: int = 600) -> dict:
     """Every teacher configuration with every method for every seed, one after another in this process."""
     from .compare import method, run_method
     from .evaluation import evaluate_accuracy
@@ -181,8 +202,12 @@ def plot(results: dict, path: Path) -> None:
     table = rows(results)
     methods = list(dict.fromkeys(r["method"] for r in table))
     configs = list(CONFIGS)
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
-    for ax, name in zip(axes[0], methods, strict=True):
+    columns = min(2, len(methods))
+    grid_rows = -(-len(methods) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(6.5 * columns, 4 * grid_rows), squeeze=False)
+    for ax in axes.flat[len(methods):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, methods, strict=False):
         for j, key in enumerate((*REGIONS, "overall")):
             means = [next(r for r in table if r["config"] == c and r["method"] == name)[f"accuracy_{key}"]
                      for c in configs]
@@ -194,10 +219,11 @@ def plot(results: dict, path: Path) -> None:
         student = results["before"]["student"]["overall"]
         ax.axhline(student, color="grey", ls=":", lw=1, label="student before (overall)")
         ax.set_xticks(range(len(configs)), [c.replace(", ", ",\n") for c in configs], fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.3)  # room for the legend above the bars
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_ylabel("held-out accuracy")
         ax.set_title(name)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper center", ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -212,10 +238,10 @@ def main(argv=None):
                         help="horizon-opd method names (opd, topd0.1, rolling, popd, ...)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps of each distillation run")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--teacher-steps", type=int, default=600, help="supervised steps that make each teacher")
-    parser.add_argument("--student-steps", type=int, default=150, help="supervised steps that make the student")
+    parser.add_argument("--student-steps", type=int, default=600, help="supervised steps that make the student")
     parser.add_argument("--output-dir", default="runs/two_teachers")
     args = parser.parse_args(argv)
     from .compare import method
