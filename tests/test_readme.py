@@ -153,6 +153,10 @@ def _check_python(argv: list[str]) -> None:
         assert (REPO_ROOT / args.model / "config.json").is_file(), args.model
     elif argv[:2] == ["-m", "horizon_opd.demo.train_models"] or argv[:2] == ["-m", "horizon_opd.demo.mismatch"]:
         assert importlib.util.find_spec(argv[1]) is not None
+    elif argv[:2] == ["-m", "horizon_opd.demo.two_teachers"]:
+        from horizon_opd.demo import two_teachers
+
+        _parsed_by_main(two_teachers.main, argv[2:])
     elif argv and argv[0].startswith("benchmarks/"):
         script = REPO_ROOT / argv[0]
         assert script.is_file(), script
@@ -262,13 +266,16 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, readme_teacher_server):
     assert blocks, "the README has a minimal example"
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "readme"}
-    trained = {}
+    trained, built = {}, []
     for code in blocks:
         exec(compile(code.replace(README_SERVER_URL, readme_teacher_server.url), "README.md", "exec"), namespace)
         trainer = namespace.get("trainer")
         if trainer is not None and trainer.state.global_step:
             trained[id(trainer)] = trainer
+        built.append(trainer)
     # The minimal example trained all its steps, and its cost ledger counted each one.
     assert trained and all(t.cost.steps == t.state.global_step == t.args.max_steps for t in trained.values())
     # The server block built its trainer against the server (construction reads the server's /v1/models).
-    assert namespace["trainer"].args.teacher_model_server_url == readme_teacher_server.url
+    assert any(t is not None and t.args.teacher_model_server_url == readme_teacher_server.url for t in built)
+    # The several-teachers block routes its rows to two named teachers.
+    assert any(t is not None and t.teacher_names == ["math", "code"] for t in built)

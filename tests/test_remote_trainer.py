@@ -14,6 +14,7 @@ from testing_utils import (
     launch_accelerate,
     launch_output,
     logged,
+    loss_and_grads,
     make_args,
     read_ranks,
     record_generations,
@@ -50,13 +51,6 @@ def _remote_trainer(tmp_path, student, url, tokenizer, dataset, **overrides):
     return HorizonOPDTrainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
-def _loss_and_grads(trainer, batch):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch))
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-
-
 def _assert_same(a, b):
     (loss_a, grads_a), (loss_b, grads_b) = a, b
     torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
@@ -79,7 +73,7 @@ def test_remote_sampled_loss_and_gradients_equal_local_teacher(loss_type, tmp_pa
     remote.model.train()
     batch = local._generate_and_score_completions([{"prompt": p} for p in prompts["prompt"][:8]])
     assert batch["completion_mask"].sum() > 8 and not batch["completion_mask"].all()  # multi-token, ragged
-    _assert_same(_loss_and_grads(remote, batch), _loss_and_grads(local, batch))
+    _assert_same(loss_and_grads(remote, batch), loss_and_grads(local, batch))
     assert remote._pending_scored_tokens == int(batch["completion_mask"].sum())
 
 
@@ -89,14 +83,14 @@ def test_topk_loss_approaches_the_exact_reverse_kl_as_k_grows(tmp_path, student,
                               processing_class=tokenizer)
     local.model.train()
     batch = local._generate_and_score_completions([{"prompt": p} for p in prompts["prompt"][:8]])
-    exact = _loss_and_grads(local, batch)
+    exact = loss_and_grads(local, batch)
     vocab = len(tokenizer)
     losses = []
     for k in (1, 4, 16, vocab):
         remote = _remote_trainer(tmp_path / f"k{k}", copy.deepcopy(student), server.url, tokenizer, prompts,
                                  loss_type="topk_reverse_kl", loss_top_k=k)
         remote.model.train()
-        result = _loss_and_grads(remote, batch)
+        result = loss_and_grads(remote, batch)
         losses.append(result[0].item())
     # A lower bound that never decreases with k, and the exact loss and gradients once k covers the vocabulary.
     assert all(a <= b + 1e-6 for a, b in zip(losses, losses[1:])), losses

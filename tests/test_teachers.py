@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import POLICY_SETTINGS, logged, make_args, record_generations, tiny_causal_lm
+from testing_utils import (
+    POLICY_SETTINGS,
+    logged,
+    loss_and_grads,
+    make_args,
+    record_generations,
+    tiny_causal_lm,
+)
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
 from horizon_opd.export import distillation_section
@@ -41,13 +48,6 @@ def _rows(batch: dict, rows: torch.Tensor) -> dict:
     return {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == size else v) for k, v in batch.items()}
 
 
-def _loss_and_grads(trainer, batch):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch))
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-
-
 def _assert_sum(routed, parts):
     """The routed loss and gradients equal the sum of each teacher's alone (each normalised by the whole batch)."""
     loss, grads = routed
@@ -74,11 +74,11 @@ def test_each_rows_loss_and_gradients_are_its_own_teachers(loss_type, tmp_path, 
         alone = _trainer(tmp_path / name, copy.deepcopy(student), teachers[name], tokenizer, routed_prompts,
                          loss_type=loss_type)
         alone.model.train()
-        parts.append(_loss_and_grads(alone, _rows(batch, (batch["teacher_index"] == index).nonzero().squeeze(1))))
-    _assert_sum(_loss_and_grads(routed, batch), parts)
+        parts.append(loss_and_grads(alone, _rows(batch, (batch["teacher_index"] == index).nonzero().squeeze(1))))
+    _assert_sum(loss_and_grads(routed, batch), parts)
     # a batch routed to one teacher only equals that teacher's trainer on it
     only_b = _rows(batch, (batch["teacher_index"] == 1).nonzero().squeeze(1))
-    _assert_sum(_loss_and_grads(routed, only_b), [parts[1]])
+    _assert_sum(loss_and_grads(routed, only_b), [parts[1]])
 
 
 def test_a_local_and_a_served_teacher_route_their_own_rows(tmp_path, student, teachers, tokenizer, routed_prompts):
@@ -92,7 +92,7 @@ def test_a_local_and_a_served_teacher_route_their_own_rows(tmp_path, student, te
         routed.model.train()
         batch = routed._generate_and_score_completions([routed_prompts[i] for i in range(8)])
         batch["num_items_in_batch"] = batch["completion_mask"].sum().float()
-        result = _loss_and_grads(routed, batch)
+        result = loss_and_grads(routed, batch)
         # only teacher b's rows went to the server: 4 of the 8
         assert len(received) == 4
         parts = []
@@ -100,7 +100,7 @@ def test_a_local_and_a_served_teacher_route_their_own_rows(tmp_path, student, te
             alone = _trainer(tmp_path / name, copy.deepcopy(student), teachers[name], tokenizer, routed_prompts,
                              loss_type="sampled")
             alone.model.train()
-            parts.append(_loss_and_grads(alone, _rows(batch, (batch["teacher_index"] == index).nonzero().squeeze(1))))
+            parts.append(loss_and_grads(alone, _rows(batch, (batch["teacher_index"] == index).nonzero().squeeze(1))))
         _assert_sum(result, parts)
 
         received.clear()

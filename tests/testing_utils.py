@@ -93,6 +93,14 @@ def record_generations(trainer) -> list[dict]:
     return records
 
 
+def loss_and_grads(trainer, batch: dict):
+    """The trainer's loss on `batch` and the student's gradients (by parameter name) from one backward."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
 def logged(trainer, key) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
