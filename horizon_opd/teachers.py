@@ -28,10 +28,6 @@ class Teacher:
     shared_vocab_size: int | None = None
     cache: object = None  # a kv_cache.TeacherSlotCache (rolling, local teachers)
 
-    @property
-    def label(self) -> str:
-        return self.name if self.name is not None else "teacher"
-
 
 def plan_teachers(teacher_model, urls: dict | None) -> dict:
     """`{name: ("local", model or id) | ("server", URL)}` in the order given (local teachers first); the single
