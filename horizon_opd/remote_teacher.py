@@ -296,13 +296,13 @@ class RemoteTeacher:
         return rows
 
 
-def connect_teacher_server(args, url: str | None = None) -> RemoteTeacher:
-    """The client for the server at `url` (default: the config's one `teacher_model_server_url`) with the settings of
-    a [`HorizonOPDConfig`], checked to answer `/health` and to name its served model; raises [`TeacherServerError`]
+def connect_teacher_server(args, url: str) -> RemoteTeacher:
+    """The client for the teacher server at `url` (one of `args.teacher_server_urls()`) with the settings of a
+    [`HorizonOPDConfig`], checked to answer `/health` and to name its served model; raises [`TeacherServerError`]
     naming the URL otherwise. The sampled-token losses ask for no top-k (`prompt_logprobs=0`: the actual tokens'
     log-probs only), `topk_reverse_kl` for `loss_top_k`."""
     client = RemoteTeacher(
-        url if url is not None else args.teacher_model_server_url,
+        url,
         top_k=args.loss_top_k if args.loss_type == "topk_reverse_kl" else 0,
         timeout=args.teacher_server_timeout,
         max_retries=args.teacher_server_max_retries,

@@ -117,7 +117,6 @@ def run(out: Path, *, seeds, steps: int, batch_size: int, learning_rate: float, 
         method_names=DEFAULT_METHODS, teacher_steps: int = 600, student_steps: int = 600) -> dict:
     """Every teacher configuration with every method for every seed, one after another in this process."""
     from .compare import method, run_method
-    from .evaluation import evaluate_accuracy
 
     out.mkdir(parents=True, exist_ok=True)
     teachers, student, tokenizer = build_models(teacher_steps=teacher_steps, student_steps=student_steps)
@@ -133,9 +132,7 @@ def run(out: Path, *, seeds, steps: int, batch_size: int, learning_rate: float, 
                 record = run_method(method(name), student, teacher, tokenizer, data["train"], data["test"],
                                     output_dir=str(out / "trainer"), max_steps=steps, batch_size=batch_size,
                                     learning_rate=learning_rate, max_completion_length=MAX_COMPLETION_LENGTH,
-                                    eval_every=eval_every, seed=seed,
-                                    evaluate=lambda m: evaluate_accuracy(m, tokenizer, data["test"],
-                                                                         MAX_COMPLETION_LENGTH))
+                                    eval_every=eval_every, seed=seed)  # evaluates held-out accuracy on data["test"]
                 model = record.pop("model")
                 record.update(config=config, method_key=name, accuracy=accuracy_by_region(model, tokenizer,
                                                                                            data["test"]))
@@ -158,22 +155,22 @@ def run(out: Path, *, seeds, steps: int, batch_size: int, learning_rate: float, 
     return results
 
 
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
 def rows(results: dict) -> list[dict]:
     """One row per (configuration, method): means over seeds of accuracy per region, tokens and decode iterations."""
     out = []
     keys = dict.fromkeys((r["config"], r["name"]) for r in results["records"])
     for config, name in keys:
         runs = [r for r in results["records"] if r["config"] == config and r["name"] == name]
-
-        def mean(values):
-            return sum(values) / len(values)
-
         out.append({"config": config, "method": name, "seeds": len(runs),
-                    **{f"accuracy_{k}": mean([r["accuracy"][k] for r in runs]) for k in (*REGIONS, "overall")},
+                    **{f"accuracy_{k}": _mean([r["accuracy"][k] for r in runs]) for k in (*REGIONS, "overall")},
                     "per_seed_overall": [r["accuracy"]["overall"] for r in runs],
-                    "tokens_generated": mean([r["tokens_generated"] for r in runs]),
-                    "decode_iterations": mean([r["decode_iterations"] for r in runs]),
-                    "train_seconds": mean([r["train_seconds"] for r in runs])})
+                    "tokens_generated": _mean([r["tokens_generated"] for r in runs]),
+                    "decode_iterations": _mean([r["decode_iterations"] for r in runs]),
+                    "train_seconds": _mean([r["train_seconds"] for r in runs])})
     return out
 
 
