@@ -18,7 +18,6 @@ Writes {"kind": "costs", "device", "machine", "preset", "models": {role: gpu_mod
 "compute": {...}} to `--out`; `gpu.py` stores it as its results' `costs`, which `gpu_model.Rates.measured` reads.
 """
 
-import argparse
 import os
 import sys
 
@@ -107,7 +106,7 @@ def measure_compute(model, fields: dict, kind: str, batch: int, length: int, rep
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--preset", default="qwen2.5-1.5b-7b", choices=sorted(PRESETS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 8 32 64 128 (tiny: 1 2)")
     parser.add_argument("--new-tokens", type=int, nargs=2, default=None, metavar=("N1", "N2"),
@@ -115,11 +114,7 @@ def main(argv=None):
     parser.add_argument("--compute-batch", type=int, default=None, help="default 4 (tiny: 2)")
     parser.add_argument("--compute-length", type=int, default=None, help="default 1024 (tiny: 16)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = common.parse_args(parser, argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -7,7 +7,6 @@ batch, left-padded), with TRL's sampling settings (temperature 1, top-k 0, top-p
 Tokens per second over `--repeats` calls (median) is the speed a trainer's rollout can at best reach.
 """
 
-import argparse
 import os
 import sys
 
@@ -19,15 +18,11 @@ import torch  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--horizons", type=int, nargs="+", required=True)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = common.parse_args(parser, argv)
     from transformers import GenerationConfig
 
     preset = PRESETS[args.preset]

@@ -18,7 +18,6 @@ trimmed and the high-water mark reset before each measurement, so shapes measure
 are each measured on their own); time is that call's, or the median of `--repeats` further calls.
 """
 
-import argparse
 import os
 import sys
 
@@ -105,17 +104,13 @@ def measure(impl: str, inputs: dict, repeats: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--shapes", nargs="+", required=True, metavar="VOCAB:LENGTH",
                         help="measured in this order, e.g. 32000:512 151936:2048")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--repeats", type=int, default=0, help="timed calls after the first (default: time the first)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = common.parse_args(parser, argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for impl in args.impls:
         loss_fn(impl)  # import everything before any memory is measured

@@ -30,7 +30,6 @@ has none), so they cannot be read; TRL's `step_time` metric (the `training_step`
 and stored next to each step as `training_step`, a cross-check of the breakdown.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -308,18 +307,14 @@ def run_config(name: str, preset, tokenizer, warmup: int, steps: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--configs", nargs="+", default=["full"], choices=sorted(CONFIGS))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-completion-length", type=int, default=None, help="override the preset's L")
     parser.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = common.parse_args(parser, argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -5,6 +5,7 @@ never import torch, so they can hold a lock per child and measure nothing themse
 machine's description are the library's (`horizon_opd.demo.measure`), shared with the demo's comparison.
 """
 
+import argparse
 import json
 import math
 import os
@@ -65,6 +66,22 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A child's command line, described by its docstring's first paragraph; `parse_args` adds the flags every child
+    takes (`--threads`, `--out`)."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0])
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse a child's flags plus `--threads` (torch's threads, applied here) and `--out` (the JSON it writes)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def build_tokenizer(vocab_size: int):

@@ -69,6 +69,7 @@ class StepRecord:
     counts: dict[str, int] = field(default_factory=dict)  # the `monitor.COUNTERS`, summed over ranks
     # several teachers: per teacher (in the trainer's order) [KL sum, trained tokens, tokens it encoded or scored]
     teacher_sums: list[list[float]] | None = None
+    teacher_scored_tokens: int = 0  # tokens teacher servers scored for the step (or the evaluation), over all ranks
 
     def signal(self) -> tuple[list[float], list[float]]:
         return (self.signal_sums if self.signal_sums is not None else self.kl_sums), self.kl_counts

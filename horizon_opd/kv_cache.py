@@ -29,8 +29,10 @@ tokens hold 11 GB.
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def supports(config) -> bool:
@@ -149,3 +151,78 @@ def context_cache(cache: DynamicCache, rows: torch.Tensor, length: int, config) 
     rows = rows.to(cache.layers[0].keys.device)
     layers = [(layer.keys[rows, :, :length], layer.values[rows, :, :length]) for layer in cache.layers]
     return DynamicCache(ddp_cache_data=layers, config=config)
+
+
+def backbone(model):
+    """The module `generate` runs per decode step under the LM head (through a PEFT wrapper)."""
+    if is_peft_model(model):
+        model = model.base_model.model
+    return model.base_model
+
+
+def generated_context_cache(generation, slots, width: int, length: int, config) -> DynamicCache | None:
+    """The step's generation cache (`generation`: (cache, the contexts' padded width), or None) cut to `slots`' rows
+    and their first `length` positions, if it can serve a micro-batch whose contexts are `width` wide; else None."""
+    if generation is None or slots is None:
+        return None
+    cache, generated_width = generation
+    if generated_width != width:
+        return None
+    return context_cache(cache, slots, length, config)
+
+
+def rolled_hidden_state(unwrapped_model, input_ids, attention_mask, num_positions: int, meter, generation=None,
+                        slots=None) -> torch.Tensor | None:
+    """The student's last hidden states (B, K, H) that predict the K chunk tokens ending `input_ids`, with the
+    context before them computed without grad; None when the context is too short to split (the caller runs the full
+    forward).
+
+    The gradient is truncated backprop through the context: the context's keys and values are constants, so the
+    loss trains the weights through the chunk's own positions (and the last context position, which predicts the
+    chunk's first token) only; the forward values equal one full forward's. The context runs once, under no_grad,
+    into a KV cache; the K + 1 last positions run with grad on top of it. Positions and padding follow the full
+    forward's (left-padded context: cache positions count the padding, as TRL's forward does). Gradient
+    checkpointing is paused for the short part: transformers drops a cache passed into a checkpointed layer, and a
+    chunk's activations are small.
+
+    With `generation` (the step's generate cache and its padded width, `rolling_student_cache`), the context's keys
+    and values are the ones this step's generation computed (`slots`: each row's row in the generation batch) and
+    the context is not run again; they were encoded at the rows' true positions, so the chunk's are too (equal to the
+    padded positions' values to float tolerance). `meter` counts the tokens run with and without grad."""
+    split = input_ids.size(1) - num_positions - 1  # context tokens before its last one
+    if split < 1:
+        return None
+    model = unwrapped_model.base_model.model if is_peft_model(unwrapped_model) else unwrapped_model
+    body = model.base_model
+    meter.count("student_grad_tokens", attention_mask[:, split:].sum())
+    cache = generated_context_cache(generation, slots, split + 1, split, model.config)
+    position_ids = None
+    if cache is not None:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, split:]
+    else:
+        meter.count("student_nograd_tokens", attention_mask[:, :split].sum())
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            body(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split], cache=cache, use_cache=True)
+    checkpointed = [m for m in body.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for module in checkpointed:
+        module.gradient_checkpointing = False
+    try:
+        hidden = body(input_ids=input_ids[:, split:], attention_mask=attention_mask, position_ids=position_ids,
+                      cache=cache, use_cache=True).last_hidden_state  # (B, K + 1, H)
+    finally:
+        for module in checkpointed:
+            module.gradient_checkpointing = True
+    return hidden[:, :-1, :]  # the last position predicts past the chunk
+
+
+def cached_teacher_hidden_state(unwrapped_teacher, input_ids, attention_mask, num_positions: int, slots,
+                                cache: TeacherSlotCache, pad_id: int) -> tuple[torch.Tensor, int]:
+    """As TRL's `_get_last_hidden_state` for the teacher on rolled chunks (B, K, H_t), encoding only what each slot's
+    `cache` has not seen; returns it with the number of tokens encoded."""
+    if is_peft_model(unwrapped_teacher):
+        unwrapped_teacher = unwrapped_teacher.base_model.model
+    completion_mask = attention_mask[:, -num_positions:]
+    sequences = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+    return cache.hidden_states(unwrapped_teacher.base_model, unwrapped_teacher.config, sequences, slots.tolist(),
+                               completion_mask.sum(1).tolist(), num_positions, pad_id=pad_id)

@@ -22,6 +22,7 @@ The losses reuse TRL's chunked kernels (or row blocks), which project hidden sta
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
@@ -35,6 +36,15 @@ LOGPROB_VOCAB_CHUNK = 32768
 # heap: the loss of a 4096-position batch at vocab 32k takes ~2x less time and ~5x less memory (benchmarks/README.md).
 # GPUs keep TRL's tiling.
 CPU_ROW_BLOCK = 128
+
+
+class Head(NamedTuple):
+    """One model's side of a loss: hidden states at the trained positions and the LM head that projects them."""
+
+    hidden: torch.Tensor  # (N, H)
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None
+    post: tuple  # (logit_scale, final_logit_softcapping), `logit_postprocessing`
 
 
 def logit_postprocessing(config) -> tuple[float, float | None]:

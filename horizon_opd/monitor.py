@@ -35,10 +35,16 @@ LOOP_MAX_PERIOD = 16
 # What a step's forwards encode, counted so a machine can be priced from counts (non-padding tokens, all ranks):
 # - prompts_started: rollouts begun (a rolling step starts one per freed slot; other modes one per row);
 # - prefill_tokens: prompt/context tokens generation encoded before its first sampled token;
+# - prefill_cached_tokens: those of them a vLLM engine's prefix cache held, so it did not encode them (0 with
+#   transformers' `generate`, which encodes every one);
 # - student_grad_tokens / student_nograd_tokens: tokens the student's loss forward ran with / without grad (a rolled
 #   chunk's context runs without grad);
 # - teacher_tokens: tokens a local teacher encoded for the loss (a rolling slot's cached context is not re-encoded).
-COUNTERS = ("prompts_started", "prefill_tokens", "student_grad_tokens", "student_nograd_tokens", "teacher_tokens")
+COUNTERS = ("prompts_started", "prefill_tokens", "prefill_cached_tokens", "student_grad_tokens", "student_nograd_tokens",
+            "teacher_tokens")
+# A `StepMeter` also counts the tokens teacher servers scored (their bill, evaluation included): gathered in the same
+# collective, kept apart from the `COUNTERS` (the record's `teacher_scored_tokens`, not its `counts`).
+METER_COUNTERS = COUNTERS + ("teacher_scored_tokens",)
 
 
 def ends_in_loop(ids: list[int], max_period: int = LOOP_MAX_PERIOD, min_span: int = LOOP_MIN_SPAN) -> bool:
@@ -65,7 +71,7 @@ class StepMeter:
         self._tensors = None
         self.rollouts = self.repeating = self.generated_tokens = 0
         self.decode_iterations = 0  # this rank's sequential decode steps: the longest rollout of each generate call
-        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.counts = dict.fromkeys(METER_COUNTERS, 0)
         self.teacher_sums = [[0.0, 0.0, 0.0] for _ in range(num_teachers)]
 
     def add_teacher(self, index: int, per_token: torch.Tensor, mask: torch.Tensor, teacher_tokens: int) -> None:
@@ -78,7 +84,7 @@ class StepMeter:
         sums[2] += int(teacher_tokens)
 
     def count(self, name: str, value) -> None:
-        """Add `value` to one of the `COUNTERS` (a tensor is read once, here)."""
+        """Add `value` to one of the `METER_COUNTERS` (a tensor is read once, here)."""
         self.counts[name] += int(value)
 
     def add_tokens(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None,
@@ -133,7 +139,8 @@ class StepMeter:
         per_rank[getattr(accelerator, "process_index", 0)] = self.decode_iterations
         packed = torch.cat([parts.get("kl", zeros).to(device), parts.get("count", zeros).to(device),
                             parts.get("signal", zeros).to(device) if with_signal else zeros[:0], per_rank,
-                            torch.tensor([self.counts[name] for name in COUNTERS], dtype=torch.float64, device=device),
+                            torch.tensor([self.counts[name] for name in METER_COUNTERS], dtype=torch.float64,
+                                         device=device),
                             torch.tensor([v for sums in self.teacher_sums for v in sums], dtype=torch.float64,
                                          device=device),
                             torch.tensor([self.rollouts, self.repeating, self.generated_tokens], dtype=torch.float64,
@@ -149,9 +156,10 @@ class StepMeter:
             step=step, horizon=horizon, kl_sums=values[:L], kl_counts=values[L:2 * L],
             signal_sums=values[2 * L:3 * L] if with_signal else None,
             rollouts=int(values[-3]), repeating=int(values[-2]), generated_tokens=int(values[-1]),
-            decode_iterations=int(max(values[-3 - len(COUNTERS) - world:-3 - len(COUNTERS)])),
-            counts={name: int(v) for name, v in zip(COUNTERS, values[-3 - len(COUNTERS):-3], strict=True)},
+            decode_iterations=int(max(values[-3 - len(METER_COUNTERS) - world:-3 - len(METER_COUNTERS)])),
+            counts={name: int(v) for name, v in zip(COUNTERS, values[-3 - len(METER_COUNTERS):-4], strict=True)},
             teacher_sums=[teacher_values[i:i + 3] for i in range(0, teachers, 3)] if teachers else None,
+            teacher_scored_tokens=int(values[-4]),
         )
         self.__init__(self.length, self.num_teachers)
         return record
@@ -187,11 +195,16 @@ class CostLedger:
         self.decode_iterations += record.decode_iterations
         self.generated_tokens += record.generated_tokens
         self.trained_tokens += int(round(sum(record.kl_counts)))
+        self.teacher_scored_tokens += record.teacher_scored_tokens
         for name, value in record.counts.items():
             setattr(self, name, getattr(self, name) + value)
         for totals, (_, trained, encoded) in zip(self.teachers.values(), record.teacher_sums or [], strict=False):
             totals["trained_tokens"] += int(round(trained))
             totals["teacher_tokens"] += int(round(encoded))
+
+    def add_evaluation(self, record: StepRecord) -> None:
+        """An evaluation is no training cost, but a teacher server bills the tokens it scored for it."""
+        self.teacher_scored_tokens += record.teacher_scored_tokens
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name) for name in self.FIELDS}

@@ -24,7 +24,7 @@ from testing_utils import (
 from horizon_opd import HorizonOPDTrainer
 from horizon_opd import HorizonOPDConfig
 from horizon_opd.horizon import ProgressiveHorizon, horizon_at
-from horizon_opd.teacher import check_heads_share_a_device, check_teacher_for_deepspeed
+from horizon_opd.teachers.local import check_heads_share_a_device, check_teacher_for_deepspeed
 
 
 # ----------------------------------------------------------------------------------------------- configs and checks

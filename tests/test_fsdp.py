@@ -20,7 +20,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
 from testing_utils import ACCELERATE_CONFIGS, assert_ranks_agree, launch_training, save_launch_assets
 
-from horizon_opd.teacher import vocab_slice
+from horizon_opd.teachers.local import vocab_slice
 
 
 def test_shipped_fsdp2_config_loads():

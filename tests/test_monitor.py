@@ -64,8 +64,9 @@ def test_decode_iterations_are_the_longest_rollout_of_the_slowest_rank_per_gener
     record = rank0.finish(step=0, horizon=8, accelerator=_TwoRanks(0, other=first.sent))
     assert record.decode_iterations == 6  # max(5, 6): the step waits for the slower rank
     assert (record.generated_tokens, record.rollouts) == (15, 4)  # tokens and rollouts add up over ranks
-    assert record.counts == {"prompts_started": 0, "prefill_tokens": 0, "student_grad_tokens": 0,
-                             "student_nograd_tokens": 0, "teacher_tokens": 12}  # counters add up over ranks too
+    assert record.counts == {"prompts_started": 0, "prefill_tokens": 0, "prefill_cached_tokens": 0,
+                             "student_grad_tokens": 0, "student_nograd_tokens": 0,
+                             "teacher_tokens": 12}  # counters add up over ranks too
 
     ledger = CostLedger()
     ledger.add_step(StepRecord(step=0, horizon=8, kl_sums=[0.0] * 8, kl_counts=[2, 2, 1, 0, 0, 0, 0, 0],
@@ -74,7 +75,7 @@ def test_decode_iterations_are_the_longest_rollout_of_the_slowest_rank_per_gener
                                decode_iterations=8, counts={"prompts_started": 4}))
     assert ledger.state_dict() == {"steps": 2, "decode_iterations": 14, "generated_tokens": 24, "trained_tokens": 13,
                                    "teacher_scored_tokens": 0, "prompts_started": 4, "prefill_tokens": 0,
-                                   "student_grad_tokens": 0, "student_nograd_tokens": 0, "teacher_tokens": 12}
+                                   "prefill_cached_tokens": 0, "student_grad_tokens": 0, "student_nograd_tokens": 0, "teacher_tokens": 12}
     restored = CostLedger()
     restored.load_state_dict(ledger.state_dict())
     assert restored.metrics() == ledger.metrics() and ledger.metrics()["horizon/decode_iterations"] == 14.0

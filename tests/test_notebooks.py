@@ -20,11 +20,11 @@ import horizon_opd.demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-# Seconds each notebook may take on a 2-core CPU, kernel start included: 15 minutes for the four together. Measured
-# times are in notebooks/README.md.
-BUDGET_S = {"01_quickstart.ipynb": 120, "02_horizon_study.ipynb": 360, "03_lora_and_hub.ipynb": 120,
-            "04_paper_analyses.ipynb": 300}
-TOTAL_BUDGET_S = 900
+NOTEBOOKS = ["01_quickstart.ipynb", "02_horizon_study.ipynb", "03_lora_and_hub.ipynb", "04_paper_analyses.ipynb"]
+# A cell that runs this long is hung, not slow: a guard, not a budget. How long each notebook takes is a benchmark's
+# question (benchmarks/bench_notebooks.py prints each test's time beside its budget); a test that fails because the
+# machine is busy tests the machine, not the code.
+CELL_TIMEOUT_S = 3600
 # Where a notebook may write in its working directory: its outputs (git-ignored, so running a notebook in place
 # leaves the repository clean) and the private HF_HOME the test gives its kernel.
 ALLOWED_OUTPUTS = {"outputs", ".hf_home"}
@@ -58,9 +58,10 @@ def _code(nb) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------ fast
-def test_every_notebook_has_a_budget_and_they_fit_in_fifteen_minutes():
-    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(BUDGET_S)
-    assert sum(BUDGET_S.values()) <= TOTAL_BUDGET_S
+def test_every_notebook_is_run_by_a_test():
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == NOTEBOOKS
+    tests = {name for name in globals() if name.startswith("test_0")}
+    assert sorted(name[5:7] for name in tests) == [notebook[:2] for notebook in NOTEBOOKS]
 
 
 def test_what_the_notebooks_write_is_git_ignored():
@@ -70,7 +71,7 @@ def test_what_the_notebooks_write_is_git_ignored():
     assert "outputs/" in ignored or "/notebooks/outputs/" in ignored
 
 
-@pytest.mark.parametrize("name", sorted(BUDGET_S))
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_is_stored_without_outputs(name):
     nb = _read(name)
     nbformat.validate(nb)
@@ -122,7 +123,7 @@ def _api_problems(source: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", sorted(BUDGET_S))
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_uses_only_the_public_api(name):
     """Notebooks import the library (`horizon_opd.__all__`), its demo (`horizon_opd.demo.__all__`) and its analyses
     (`horizon_opd.analysis`), nothing private and no other submodule (`horizon_opd.trainer`, `horizon_opd.demo.compare`,
@@ -171,7 +172,7 @@ def _execute(name: str, workdir: Path, env: dict, then=None):
     from nbclient import NotebookClient
 
     nb = _read(name)
-    client = NotebookClient(nb, timeout=BUDGET_S[name], kernel_name="python3",
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(workdir)}})
     start = time.perf_counter()
     with client.setup_kernel(env=env):
@@ -180,11 +181,10 @@ def _execute(name: str, workdir: Path, env: dict, then=None):
         seconds = time.perf_counter() - start
         if then is not None:
             then(client, nb)
-    print(f"{name}: {seconds:.1f} s")
+    print(f"{name}: {seconds:.1f} s")  # read by benchmarks/bench_notebooks.py
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     written = {p.name for p in workdir.iterdir()} - ALLOWED_OUTPUTS
     assert not written, f"{name} wrote {sorted(written)} outside outputs/ (which .gitignore covers)"
-    assert seconds <= BUDGET_S[name], f"{name} took {seconds:.0f} s, over its {BUDGET_S[name]} s budget"
     return nb
 
 

@@ -2,12 +2,10 @@
 vLLM response format against TRL's parser, and the top-k + tail reverse KL against exact references."""
 
 import math
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from horizon_opd.demo.tokenizer import build_char_tokenizer
 from horizon_opd.loss import (
@@ -17,26 +15,9 @@ from horizon_opd.loss import (
     token_logprobs,
     topk_reverse_kl_per_token,
 )
-from horizon_opd.remote_teacher import RemoteTeacher, TeacherServerError, format_sequence_logprobs
+from horizon_opd.teachers.remote import RemoteTeacher, TeacherServerError, format_sequence_logprobs
 from horizon_opd.teacher_server import ServerFaults, serve_teacher
-
-
-def _tiny_llama(vocab_size: int, hidden_size: int = 32, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+from testing_utils import tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +27,7 @@ def char_tokenizer():
 
 @pytest.fixture(scope="module")
 def teacher(char_tokenizer):
-    return _tiny_llama(len(char_tokenizer), hidden_size=48, seed=1)
+    return tiny_causal_lm(len(char_tokenizer), hidden_size=48, seed=1, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +160,8 @@ def test_one_failed_chunk_fails_the_whole_batch(faulty_server, teacher):
 @pytest.mark.parametrize("faulty_server", [ServerFaults(delay_s=1.0)], indirect=True)
 def test_timeout_is_retried_then_fails_naming_url(faulty_server):
     client = RemoteTeacher(faulty_server.url, model="m", top_k=2, timeout=0.2, max_retries=1, retry_backoff=0.0)
-    start = time.perf_counter()
-    with pytest.raises(TeacherServerError) as error:
+    with pytest.raises(TeacherServerError) as error:  # a full 1 s answer would have succeeded
         client.score([[1, 5]], [[6, 7]])
-    assert time.perf_counter() - start < 1.5  # two 0.2 s attempts, not two full 1 s answers
     assert f"{faulty_server.url}/v1/completions" in str(error.value) and "timed out" in str(error.value)
     assert client.requests_sent == 2
 
@@ -258,13 +237,13 @@ def _stub_trainer(student_vocab, tokenizer, use_vllm):
 
     from transformers import GenerationConfig
 
-    return SimpleNamespace(_tokenizer=tokenizer, model=_tiny_llama(student_vocab), use_vllm=use_vllm,
-                           generation_kwargs={}, generation_config=GenerationConfig(),
+    return SimpleNamespace(_tokenizer=tokenizer, model=tiny_causal_lm(student_vocab, max_position_embeddings=256),
+                           use_vllm=use_vllm, generation_kwargs={}, generation_config=GenerationConfig(),
                            args=SimpleNamespace(max_completion_length=16), train_dataset=None, eval_dataset=None)
 
 
 def test_attach_server_suppresses_student_ids_past_the_tokenizer(server, char_tokenizer, monkeypatch):
-    from horizon_opd.remote_teacher import attach_teacher_server
+    from horizon_opd.teachers.remote import attach_teacher_server
 
     vocab = len(char_tokenizer)
     same = _stub_trainer(vocab, char_tokenizer, use_vllm=False)
@@ -280,7 +259,7 @@ def test_attach_server_suppresses_student_ids_past_the_tokenizer(server, char_to
 
 def test_attach_server_with_vllm_generation_refuses_a_padded_student_the_server_cannot_score(server, char_tokenizer,
                                                                                              monkeypatch):
-    from horizon_opd.remote_teacher import attach_teacher_server
+    from horizon_opd.teachers.remote import attach_teacher_server
 
     vocab = len(char_tokenizer)
     with pytest.raises(ValueError, match=rf"student's vocab_size {vocab + 10} exceeds the {vocab} ids the teacher "
@@ -478,7 +457,7 @@ def test_remote_teacher_losses_equal_local_teacher(server, teacher):
     """The same teacher served and loaded locally: the sampled loss and its gradients agree to 1e-5, and the top-k
     loss with k = V equals the local exact reverse KL."""
     V = teacher.config.vocab_size
-    student = _tiny_llama(V, hidden_size=32, seed=0)
+    student = tiny_causal_lm(V, hidden_size=32, seed=0, max_position_embeddings=256)
     prompts, completions = _batch(V, seed=6, n=4)
     client = RemoteTeacher(server.url, top_k=V, chunk_size=2)
     scores = client.score(prompts, completions)

@@ -24,7 +24,7 @@ from testing_utils import (
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
 from horizon_opd.export import distillation_section
 from horizon_opd.horizon import horizon_at
-from horizon_opd.remote_teacher import TeacherServerError
+from horizon_opd.teachers.remote import TeacherServerError
 from horizon_opd.teacher_server import ServerFaults, serve_teacher
 
 MODES = POLICY_SETTINGS
@@ -74,7 +74,7 @@ def test_remote_sampled_loss_and_gradients_equal_local_teacher(loss_type, tmp_pa
     batch = local._generate_and_score_completions([{"prompt": p} for p in prompts["prompt"][:8]])
     assert batch["completion_mask"].sum() > 8 and not batch["completion_mask"].all()  # multi-token, ragged
     _assert_same(loss_and_grads(remote, batch), loss_and_grads(local, batch))
-    assert remote._pending_scored_tokens == int(batch["completion_mask"].sum())
+    assert remote._meters["train"].counts["teacher_scored_tokens"] == int(batch["completion_mask"].sum())
 
 
 def test_topk_loss_approaches_the_exact_reverse_kl_as_k_grows(tmp_path, student, teacher, tokenizer, prompts, server):

@@ -220,6 +220,7 @@ def test_cost_accounting_matches_hand_counted_rollouts_with_gradient_accumulatio
     assert first.cost.state_dict() == {"steps": 4, "decode_iterations": sum(decode), "generated_tokens": sum(tokens),
                                        "trained_tokens": sum(tokens), "teacher_scored_tokens": 0,
                                        "prompts_started": 32, "prefill_tokens": prompt_tokens,
+                                       "prefill_cached_tokens": 0,  # transformers' generate: no prefix cache
                                        "student_grad_tokens": encoded, "student_nograd_tokens": 0,
                                        "teacher_tokens": encoded}
     step_logs = [e for e in first.state.log_history if "loss" in e]

@@ -24,7 +24,8 @@ DISTRIBUTED_SCRIPTS = Path(__file__).resolve().parent / "distributed"
 
 
 # ----------------------------------------------------------------------------------------------- models and configs
-def tiny_causal_lm(vocab_size: int, hidden_size: int = 32, seed: int = 0, num_layers: int = 2) -> Qwen2ForCausalLM:
+def tiny_causal_lm(vocab_size: int, hidden_size: int = 32, seed: int = 0, num_layers: int = 2,
+                   max_position_embeddings: int = 512) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2 small enough to train in milliseconds on a CPU."""
     torch.manual_seed(seed)
     config = Qwen2Config(
@@ -34,7 +35,7 @@ def tiny_causal_lm(vocab_size: int, hidden_size: int = 32, seed: int = 0, num_la
         num_hidden_layers=num_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=1,

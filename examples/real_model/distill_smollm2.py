@@ -74,9 +74,8 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
-from horizon_opd.demo.compare import Method, mean_std
+from horizon_opd.demo.compare import Method, cost_record, mean_std, plot_cost_curves
 from horizon_opd.demo.measure import PeakRSS, machine_description, machine_info
-from horizon_opd.monitor import COUNTERS
 from horizon_opd.pretrained import heldout_reverse_kl, load_teacher, prune_layers
 
 # ---- methods: `--methods` names -> (label, HorizonOPDConfig horizon fields); a new policy is one more line ----------
@@ -376,21 +375,15 @@ def train_one(key: str, seed: int, student, teacher, tokenizer, train_dataset, e
         "heldout_kl_before": before["heldout_kl"], "heldout_kl_after": curve[-1]["heldout_kl"],
         "arithmetic_accuracy_after": curve[-1]["arithmetic_accuracy"],
         "train_seconds": curve[-1]["train_seconds"],
-        "decode_iterations": trainer.cost.decode_iterations,
-        "tokens_generated": trainer.cost.generated_tokens,
-        "trained_tokens": trainer.cost.trained_tokens,
-        "counts": {name: getattr(trainer.cost, name) for name in COUNTERS},
+        **cost_record(trainer),
         "peak_memory_mb": round(callback.peak_mb, 1),
         "peak_memory_increase_mb": round(callback.peak_mb - callback.rss_at_start_mb, 1),
         "rss_at_start_mb": round(callback.rss_at_start_mb, 1),
         "peak_memory_eval_mb": round(callback.eval_peak_mb, 1),
         "peak_cuda_mb": None if callback.peak_cuda_mb is None else round(callback.peak_cuda_mb, 1),
         "peak_memory_method": f"PeakRSS over the training between evaluations: {callback.memory_method}",
-        "horizons": list(trainer.horizon_history),
         "losses": [round(e["loss"], 4) for e in history if "loss" in e],
         "curve": curve,
-        "alarm_events": trainer.alarm.events,
-        "alarm_trace": trainer.alarm.trace,
         "wall_seconds": round(time.perf_counter() - began, 1),  # training and its evaluations
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine_description(),
@@ -589,27 +582,14 @@ def format_table(results: dict) -> str:
 def plot(results: dict, path: Path) -> None:
     """Held-out KL against training seconds beside held-out KL against decode iterations; one colour per method, one
     line style per seed, the decode budgets of the equal-decode comparison as dotted lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    panels = (("train_seconds", "training wall-clock (s, evaluation excluded)"),
-              ("decode_iterations", "decode iterations (sum over steps of the longest rollout)"))
     colors = {row["method"]: f"C{i % 10}" for i, row in enumerate(results["summary"])}
     styles = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(results["seeds"])}
-    for ax, (key, xlabel) in zip(axes, panels, strict=True):
-        labelled = set()
-        for r in results["runs"]:
-            if any(key not in p for p in r["curve"]):
-                continue
-            label = r["name"] if r["method"] not in labelled else None
-            labelled.add(r["method"])
-            ax.plot([p[key] for p in r["curve"]], [p["heldout_kl"] for p in r["curve"]], marker="o", markersize=3,
-                    color=colors[r["method"]], linestyle=styles[r["seed"]], label=label, alpha=0.9)
-        ax.set_xlabel(xlabel, fontsize=9)
-        ax.grid(alpha=0.3)
+    fig, axes = plot_cost_curves(
+        results["runs"], "heldout_kl",
+        lambda r: {"color": colors[r["method"]], "linestyle": styles[r["seed"]], "label": r["name"]},
+        wall_label="training wall-clock (s, evaluation excluded)", figsize=(12, 4.8))
     names = {row["method"]: row["name"] for row in results["summary"]}
     budget_lines = [axes[1].axvline(sum(per_seed.values()) / len(per_seed), color=colors[ref], linestyle=":",
                                     linewidth=1.2, label=f"{names[ref]}'s decode iterations (equal-decode budget)")

@@ -22,6 +22,7 @@ from ..config import HorizonOPDConfig
 from ..diagnostics import kl_by_position
 from ..horizon import policy_from_alias, ratio_to_tokens
 from ..monitor import COUNTERS
+from ..teachers import has_server
 from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
 from .measure import PeakRSS, machine_description
@@ -145,24 +146,27 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
         "horizon": {**trainer.horizon_policy.setting_values(), "max_completion_length": max_completion_length},
         "final_accuracy": curve[-1]["accuracy"],
         "train_seconds": curve[-1]["train_seconds"],
-        "tokens_generated": trainer.cost.generated_tokens,
-        "decode_iterations": trainer.cost.decode_iterations,
-        "trained_tokens": trainer.cost.trained_tokens,
-        "counts": {name: getattr(trainer.cost, name) for name in COUNTERS},
-        "teacher_scored_tokens": trainer.teacher_scored_tokens if trainer._has_server() else None,
+        **cost_record(trainer),
+        "teacher_scored_tokens": trainer.teacher_scored_tokens if has_server(trainer.teachers) else None,
         "peak_memory_mb": round(memory.peak, 1),
         "curve": curve,
-        "horizons": list(trainer.horizon_history),
         "losses": [e["loss"] for e in history if "loss" in e],
         "grad_norms": [e["grad_norm"] for e in history if "loss" in e and "grad_norm" in e],
         "kl_by_position": kl_by_position(history),
         "eval_kl_by_position": kl_by_position(history, prefix="eval_"),
         "alarm": [e.get("horizon/alarm", 0.0) for e in history if "horizon/alarm" in e and "loss" in e],
         "policy_state": trainer.horizon_policy.state_dict(),
-        "alarm_events": trainer.alarm.events,
-        "alarm_trace": trainer.alarm.trace,
         "model": trainer.model,
     }
+
+
+def cost_record(trainer) -> dict:
+    """What every study's run record carries from its trainer: the costs, the horizon of each step and the alarm."""
+    cost = trainer.cost
+    return {"tokens_generated": cost.generated_tokens, "decode_iterations": cost.decode_iterations,
+            "trained_tokens": cost.trained_tokens, "counts": {name: getattr(cost, name) for name in COUNTERS},
+            "horizons": list(trainer.horizon_history), "alarm_events": trainer.alarm.events,
+            "alarm_trace": trainer.alarm.trace}
 
 
 def run_comparison(methods: list[Method], student, teacher, tokenizer, train_dataset, eval_dataset, *, seeds,
@@ -353,31 +357,48 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    """Accuracy against training seconds (what this machine paid) beside accuracy against decode iterations (what a
-    GPU step waits on); one colour per method, every seed drawn."""
+def plot_cost_curves(runs: list[dict], y_key: str, style, *, wall_label: str, figsize: tuple):
+    """Two panels sharing y: `y_key` of each run's curve against its training seconds and against its decode
+    iterations (what a GPU step waits on). `style(run)` gives each line's matplotlib keywords (a `label` is shown
+    once per panel). Returns the figure and its two axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    panels = (("train_seconds", "training wall-clock on this machine (s, evaluation excluded)"),
+    fig, axes = plt.subplots(1, 2, figsize=figsize, sharey=True)
+    panels = (("train_seconds", wall_label),
               ("decode_iterations", "decode iterations (sum over steps of the longest rollout)"))
-    colors = {}
     for ax, (key, xlabel) in zip(axes, panels, strict=True):
-        for r in results["methods"]:
+        labelled = set()
+        for r in runs:
             if any(key not in p for p in r["curve"]):  # results written before the cost accounting
                 continue
-            color = colors.setdefault(r["name"], f"C{len(colors)}")
-            label = r["name"] if r["seed"] == results["methods"][0]["seed"] else None
-            ax.plot([p[key] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], marker="o", markersize=3,
-                    color=color, label=label, alpha=0.9)
+            keywords = style(r)
+            if keywords.get("label") in labelled:
+                keywords["label"] = None
+            labelled.add(keywords.get("label"))
+            ax.plot([p[key] for p in r["curve"]], [p[y_key] for p in r["curve"]], marker="o", markersize=3,
+                    alpha=0.9, **keywords)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def plot(results: dict, path: Path) -> None:
+    """Accuracy against training seconds (what this machine paid) beside accuracy against decode iterations (what a
+    GPU step waits on); one colour per method, every seed drawn."""
+    import matplotlib.pyplot as plt
+
+    colors = {}
+    fig, axes = plot_cost_curves(
+        results["methods"], "accuracy",
+        lambda r: {"color": colors.setdefault(r["name"], f"C{len(colors)}"), "label": r["name"]},
+        wall_label="training wall-clock on this machine (s, evaluation excluded)", figsize=(12, 4.5))
+    for ax in axes:
         if not math.isnan(results["teacher_accuracy"]):  # NaN: a remote teacher, not evaluated here
             ax.axhline(results["teacher_accuracy"], color="gray", linestyle="--", linewidth=1, label="teacher")
-        ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out greedy accuracy (full horizon)")
     axes[1].legend(loc="lower right", fontsize=8)
     s = results["settings"]

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 from datasets import IterableDataset
 
+from .local import attach_teacher, load_teacher
+from .remote import attach_teacher_server, connect_teacher_server
+
 
 @dataclass
 class Teacher:
@@ -68,6 +71,49 @@ def plan_teachers(teacher_model, urls: dict | None) -> dict:
         if model is None:
             raise ValueError(f"teacher_model[{name!r}] is None; give a model instance or a path / Hub id.")
     return {**{n: ("local", m) for n, m in local.items()}, **{n: ("server", u) for n, u in servers.items()}}
+
+
+def check_teachers(plan: dict, train_dataset, eval_dataset, args) -> None:
+    """Several teachers: what the datasets and the loss must offer before any model loads."""
+    names = list(plan)
+    for dataset, where in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+        check_teacher_column(dataset, where, args.teacher_id_column, names)
+    local = [name for name, (kind, _) in plan.items() if kind == "local"]
+    if args.loss_type == "topk_reverse_kl" and local:
+        raise ValueError(f"loss_type='topk_reverse_kl' reads a teacher server's top-k, but the teacher(s) {local} "
+                         f"are local models. Use loss_type='sampled' (every teacher can give it), or serve them.")
+    if args.teacher_model_init_kwargs is not None and not any(isinstance(plan[n][1], str) for n in local):
+        raise ValueError(f"teacher_model_init_kwargs={args.teacher_model_init_kwargs!r}, but no teacher is loaded "
+                         f"from a path or Hub id. Drop teacher_model_init_kwargs, or pass a teacher's path.")
+
+
+def load_teachers(plan: dict, args) -> dict:
+    """`{name: connected server client | loaded local model}`, before the student is loaded: the servers are checked
+    first, so an unreachable URL fails in a second."""
+    loaded = {name: connect_teacher_server(args, what) if kind == "server" else None
+              for name, (kind, what) in plan.items()}
+    loaded.update({name: load_teacher(what, args) for name, (kind, what) in plan.items() if kind == "local"})
+    return loaded
+
+
+def attach(trainer, name: str | None, kind: str, loaded) -> Teacher:
+    """A loaded teacher (or connected server) prepared for `trainer`, after TRL's constructor ran; an error names the
+    teacher when there are several."""
+    try:
+        if kind == "local":
+            model, shared = attach_teacher(trainer, loaded)
+            return Teacher(name, model=model, shared_vocab_size=shared)
+        # ids past the tokenizer are suppressed; the server's top-k ids past the student's head go to the tail
+        return Teacher(name, server=loaded, shared_vocab_size=attach_teacher_server(trainer, loaded))
+    except ValueError as error:
+        if name is None:
+            raise
+        raise ValueError(f"Teacher {name!r}: {error}") from error
+
+
+def has_server(teachers: list[Teacher]) -> bool:
+    """Whether any teacher of the run is behind a server (and so `teacher/scored_tokens` is logged)."""
+    return any(teacher.server is not None for teacher in teachers)
 
 
 def check_teacher_column(dataset, where: str, column: str, names: list[str]) -> None:

@@ -359,7 +359,7 @@ def attach_teacher_server(trainer, client: RemoteTeacher) -> int | None:
         return None
     # Ids past the tokenizer are no text's and need not be scored by the server: never sample them, and leave them
     # out of the student's softmax in the loss, as for a local teacher with the smaller head.
-    from .teacher import suppress_in_generation
+    from .local import suppress_in_generation
 
     suppress_in_generation(trainer, range(tokenizer_size, student_vocab))
     return tokenizer_size
@@ -396,7 +396,7 @@ def _longest_prompt(trainer) -> tuple[int, str | None]:
     (no dataset, or a VLM, whose prompts grow with their images)."""
     from trl import DistillationTrainer
 
-    from .data import first_prompts
+    from ..data import first_prompts
 
     if getattr(trainer, "_is_vlm", False):
         return 1, None
