@@ -108,6 +108,11 @@ def test_quick_command_writes_results_and_plot(tmp_path):
     assert by_name["Adaptive 0.1-1"]["horizons"][0] == L and by_name["Adaptive 0.1-1"]["horizon"]["horizon"] == \
         "adaptive"
     assert {r["method"] for r in results["bars"]["per_seed"]} == set(names)
+    to_target = results["to_target"]  # each method's cost to OPD's accuracy at 50% and 100% of its steps
+    assert set(to_target["targets"]) == {"50%", "100%"} and len(to_target["rows"]) == 2 * len(names)
+    opd = next(r for r in to_target["rows"] if r["method"] == "OPD" and r["target"] == "100%")
+    assert opd["reached"] and opd["ratios"]["decode_iterations"] == 1.0  # OPD reaches its own final accuracy
+    assert "each cost as a multiple of OPD's" in proc.stdout
     assert "| OPD | 8 |" in proc.stdout and "decode iterations" in proc.stdout
     assert "distilling:" not in proc.stdout  # not a terminal: one line per run, no progress bar rewrites
     assert "OPD seed 0: accuracy" in proc.stdout

@@ -23,6 +23,7 @@ from ..diagnostics import kl_by_position
 from ..horizon import policy_from_alias, ratio_to_tokens
 from ..monitor import COUNTERS
 from ..teachers import has_server
+from ..to_target import cost_to_target, to_target_table
 from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
 from .measure import PeakRSS, machine_description
@@ -211,11 +212,29 @@ def run_comparison(methods: list[Method], student, teacher, tokenizer, train_dat
         "summary": summarize(records),
     }
     results["bars"] = compare_with_opd(results)
+    results["to_target"] = cost_to_opd_quality(results)
     (out / "results.json").write_text(_json(results))
     plot(results, out / "accuracy_vs_time.png")
     print(format_table(results))
+    print_to_target(results)
     print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_time.png'}")
     return results
+
+
+def cost_to_opd_quality(results: dict) -> dict | None:
+    """Each method's cost to OPD's mean accuracy at 50% and 100% of its steps (`horizon_opd.to_target`); None without
+    an OPD run."""
+    runs = {}
+    for record in results["methods"]:
+        runs.setdefault(record["name"], []).append(record)
+    if "OPD" not in runs:
+        return None
+    return cost_to_target(runs, "accuracy", higher_is_better=True, reference="OPD")
+
+
+def print_to_target(results: dict) -> None:
+    if results.get("to_target"):
+        print("\n".join(to_target_table(results["to_target"])))
 
 
 class _Progress:
@@ -429,9 +448,11 @@ def merge_runs(run_dirs: list[str], out: str) -> dict:
     results["settings"] = {**runs[0]["settings"], "seeds": [s for run in runs for s in run["settings"]["seeds"]]}
     results["summary"] = summarize(results["methods"])
     results["bars"] = compare_with_opd(results)
+    results["to_target"] = cost_to_opd_quality(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(_json(results))
     plot(results, out / "accuracy_vs_time.png")
     print(format_table(results))
+    print_to_target(results)
     return results

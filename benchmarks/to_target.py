@@ -1,0 +1,140 @@
+"""Cost to OPD's quality, per task, from the results files the runs wrote, priced on a GPU by the cost model.
+
+    python benchmarks/to_target.py                     # every task below; writes benchmarks/results/to_target.json
+    python benchmarks/to_target.py --markdown docs/to_target.md
+
+For each task, `horizon_opd.to_target.cost_to_target` finds the first step at which each method's mean curve (over
+its seeds) reaches OPD's mean quality at 50% and 100% of OPD's steps, and what it spent to get there (measured: steps,
+decode iterations, tokens, CPU seconds). The GPU columns price those steps with `gpu_model.py`'s seconds per step for
+the 1.5B/7B pair at L = 1024, B = 64 (H100, its "engine" column: a bandwidth-bound engine; and its "eager" column:
+transformers' `generate` at a 20 ms floor per decode iteration): a MODEL, and it assumes the steps to target carry over
+from the small pair that was run to the 1.5B/7B pair.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import replace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import gpu_model as gm  # noqa: E402
+
+from horizon_opd.to_target import cost_to_target, mean_curve, to_target_table  # noqa: E402
+
+# task -> (results files, metric, higher is better, what it is)
+TASKS = {
+    "main job": (["examples/demo_results/results.json"], "accuracy", True,
+                 "the default `horizon-opd` job (60 steps x 32 prompts, L = 104, lr 1e-3)"),
+    "mismatch m = 1, lr 1e-3": (["examples/mismatch_results/m1_lr1e-3/results.json",
+                                 "examples/mismatch_results/m1_lr1e-3_wide/results.json"], "accuracy", True,
+                                "the mismatch task at m = 1, lr 1e-3"),
+    "SmolLM2 L = 256": (["examples/real_model/results.json"], "heldout_kl", False,
+                        "SmolLM2-135M-Instruct, a third of its layers pruned, distilled from the unpruned model "
+                        "(examples/real_model/README.md; held-out KL on 16 prompts, 20 steps x 4 prompts)"),
+}
+REFERENCE = "OPD"
+
+
+def gpu_seconds_per_step(scenario: gm.Scenario = gm.Scenario()) -> dict[str, dict[str, float]]:
+    """The cost model's seconds per step by results-file method name, on the engine and the eager columns."""
+    s, a = scenario, scenario.assumptions
+    columns = {"engine": gm.Rates(gm.GPUS["H100"], a),
+               "eager": gm.Rates(gm.GPUS["H100"], replace(a, decode_floor_s=gm.HF_EAGER_FLOOR_S))}
+    shapes = {m.name: m for m in gm.methods(s.batch, s.prompt, s.length, s.rho, s.steps)}
+    matched = math.ceil(s.batch * s.rho)  # token-matched OPD: B rho prompts at the full horizon
+    shapes["OPD matched rho=0.1"] = gm.Method("OPD matched", [gm.standard_step(matched, s.prompt, s.length)], "")
+    shapes["TOPD N=100"] = gm.Method("TOPD N=100", [gm.standard_step(s.batch, s.prompt, 100)], "")
+    out = {}
+    for name, method in shapes.items():
+        out[name] = {column: gm.evaluate(method, s.student, s.teacher, rates)["step"]
+                     for column, rates in columns.items()}
+    # the results files' names for the same methods
+    out["Adaptive 0.1..1, probe every 5"] = out.get("Adaptive 0.1-1", {})
+    return out
+
+
+def load_runs(files: list[str]) -> dict[str, list[dict]]:
+    """Runs by method name; a (method, seed) that an earlier file holds is not counted again (the wide files repeat
+    their OPD runs)."""
+    runs, seen = {}, set()
+    for file in files:
+        with open(os.path.join(ROOT, file)) as f:
+            results = json.load(f)
+        for run in results.get("methods") or results.get("runs"):
+            if (run["name"], run["seed"]) not in seen:
+                seen.add((run["name"], run["seed"]))
+                runs.setdefault(run["name"], []).append(run)
+    return runs
+
+
+def plot(task: str, runs: dict[str, list[dict]], metric: str, prices: dict, result: dict, path: str) -> None:
+    """Held-out quality against predicted GPU seconds, engine and eager panels side by side: each method's mean curve
+    over seeds, its band the seeds' range, OPD's targets dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, column in zip(axes, ("engine", "eager")):
+        for method, method_runs in runs.items():
+            if method not in prices:
+                continue
+            curve = mean_curve(method_runs, metric)
+            x = [p["step"] * prices[method][column] / 3600 for p in curve]
+            (line,) = ax.plot(x, [p[metric] for p in curve], marker=".", label=f"{method} ({len(method_runs)})")
+            ax.fill_between(x, [min(p["values"]) for p in curve], [max(p["values"]) for p in curve],
+                            color=line.get_color(), alpha=0.15)
+        for label, target in result["targets"].items():
+            ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(f"predicted GPU hours, H100 {column} (1.5B/7B, L = 1024, B = 64)")
+        ax.set_title(f"{task}: {column}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric + (" (higher is better)" if result["higher_is_better"] else " (lower is better)"))
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "to_target.json"))
+    parser.add_argument("--markdown", default=None, help="also write the tables here")
+    parser.add_argument("--plots", default=None, help="a folder: one plot per task, quality against GPU seconds")
+    args = parser.parse_args(argv)
+    prices = gpu_seconds_per_step()
+    payload = {"gpu_seconds_per_step": prices, "tasks": {}}
+    lines = ["# Cost to OPD's quality, per task", "", "Written by `python benchmarks/to_target.py --markdown "
+             "docs/to_target.md --plots docs`; how it is computed: [results.md](results.md#cost-to-opds-quality).", ""]
+    for task, (files, metric, higher, what) in TASKS.items():
+        runs = load_runs(files)
+        result = cost_to_target(runs, metric, higher, REFERENCE,
+                                gpu_seconds_per_step={m: prices[m] for m in runs if m in prices})
+        payload["tasks"][task] = {"files": files, **result}
+        lines += [f"## {task}", "", f"{what}; {', '.join(files)}."]
+        lines += to_target_table(result) + [""]
+        if args.plots:
+            os.makedirs(args.plots, exist_ok=True)
+            name = "to_target_" + "".join(c if c.isalnum() else "_" for c in task.lower()).strip("_") + ".png"
+            plot(task, runs, metric, prices, result, os.path.join(args.plots, name))
+            lines += [f"![{task}: quality against predicted GPU seconds]({name})", ""]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(payload, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

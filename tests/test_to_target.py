@@ -1,0 +1,84 @@
+"""Cost to a target on hand-made curves: interpolation, a curve that crosses and comes back, never reached, reached at
+step 0, lower-is-better metrics, seeds averaged, ratios and GPU pricing."""
+
+import pytest
+
+from horizon_opd.to_target import cost_to_target, first_reach, mean_curve, to_target_table, value_at
+
+
+def run(points, metric="accuracy", **costs_per_step):
+    """A run whose cumulative costs grow linearly with the step: decode_iterations = step x rate, etc."""
+    rates = {"decode_iterations": 10, "generated_tokens": 100, "trained_tokens": 100, "train_seconds": 2.0,
+             **costs_per_step}
+    return {"curve": [{"step": step, metric: value, "steps": step, **{k: step * r for k, r in rates.items()}}
+                      for step, value in points]}
+
+
+def test_first_reach_interpolates_between_evaluations():
+    assert first_reach([(0, 0.2), (10, 0.6), (20, 1.0)], 0.8) == pytest.approx(15.0)
+    assert first_reach([(0, 0.2), (10, 0.6)], 0.5) == pytest.approx(7.5)
+    assert first_reach([(0, 0.2), (10, 0.6)], 0.6) == pytest.approx(10.0)  # reached exactly at an evaluation
+
+
+def test_a_curve_that_crosses_and_comes_back_reached_it_at_its_first_crossing():
+    assert first_reach([(0, 0.0), (10, 1.0), (20, 0.2), (30, 0.9)], 0.5) == pytest.approx(5.0)
+    result = cost_to_target({"opd": [run([(0, 0.0), (10, 0.9)])], "falls": [run([(0, 0.0), (10, 1.0), (20, 0.1)])]},
+                            "accuracy", True, reference="opd", targets={"0.9": 0.9})
+    falls = next(r for r in result["rows"] if r["method"] == "falls")
+    assert falls["reached"] and not falls["held"] and falls["steps"] == pytest.approx(9.0)
+    assert " †" in "\n".join(to_target_table(result))  # flagged: it did not stay there
+
+
+def test_never_reached_and_reached_at_step_zero():
+    assert first_reach([(0, 0.1), (10, 0.3)], 0.5) is None
+    assert first_reach([(0, 0.9), (10, 0.3)], 0.5) == 0.0
+
+
+def test_lower_is_better():
+    assert first_reach([(0, 3.0), (10, 1.0)], 2.0, higher_is_better=False) == pytest.approx(5.0)
+    assert first_reach([(0, 3.0), (10, 2.5)], 2.0, higher_is_better=False) is None
+
+
+def test_value_at_and_its_range():
+    assert value_at([(0, 0.0), (10, 5.0), (20, 25.0)], 15) == pytest.approx(15.0)
+    with pytest.raises(ValueError, match="outside"):
+        value_at([(0, 0.0), (10, 5.0)], 11)
+
+
+def test_mean_curve_averages_seeds_at_shared_steps_with_standard_error():
+    curve = mean_curve([run([(0, 0.2), (10, 0.6), (20, 0.8)]), run([(0, 0.4), (10, 0.8)])], "accuracy")
+    assert [p["step"] for p in curve] == [0, 10]  # step 20 is one seed's only
+    assert curve[1]["accuracy"] == pytest.approx(0.7) and curve[1]["values"] == [0.6, 0.8]
+    assert curve[1]["sem"] == pytest.approx(0.1)  # sd 0.1414 / sqrt(2)
+
+
+def test_cost_to_target_default_targets_costs_ratios_and_gpu_seconds():
+    runs = {
+        "opd": [run([(0, 0.0), (10, 0.5), (20, 1.0)])],
+        "topd": [run([(0, 0.0), (10, 0.25), (20, 0.5), (40, 1.0)], decode_iterations=1, train_seconds=0.5)],
+        "flat": [run([(0, 0.0), (10, 0.3), (40, 0.4)])],
+    }
+    result = cost_to_target(runs, "accuracy", True, reference="opd",
+                            gpu_seconds_per_step={"opd": {"engine": 6.0}, "topd": {"engine": 1.5}})
+    assert result["targets"] == {"50%": pytest.approx(0.5), "100%": pytest.approx(1.0)}
+    rows = {(r["target"], r["method"]): r for r in result["rows"]}
+    opd, topd, flat = rows["100%", "opd"], rows["100%", "topd"], rows["100%", "flat"]
+    assert opd["steps"] == 20 and topd["steps"] == 40
+    assert topd["decode_iterations"] == 40 and opd["decode_iterations"] == 200
+    assert topd["ratios"]["decode_iterations"] == pytest.approx(0.2)
+    assert topd["ratios"]["train_seconds"] == pytest.approx(0.5)  # 20 s against 40 s
+    assert topd["gpu_engine_seconds"] == 60 and topd["ratios"]["gpu_engine_seconds"] == pytest.approx(0.5)
+    assert not flat["reached"] and flat["best"] == pytest.approx(0.4) and "ratios" not in flat
+    assert rows["50%", "topd"]["steps"] == pytest.approx(20) and rows["50%", "opd"]["steps"] == pytest.approx(10)
+    table = "\n".join(to_target_table(result))
+    assert "not reached in 40 (best 0.4)" in table and "(0.20x)" in table and "GPU engine s" in table
+
+
+def test_cost_to_target_lower_is_better_with_explicit_target_and_refusals():
+    runs = {"opd": [run([(0, 3.0), (10, 1.0)], metric="kl")], "rolling": [run([(0, 3.0), (10, 2.0), (20, 0.5)],
+                                                                                metric="kl")]}
+    result = cost_to_target(runs, "kl", False, reference="opd", targets={"kl 1.5": 1.5})
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["opd"]["steps"] == pytest.approx(7.5) and rows["rolling"]["steps"] == pytest.approx(10 + 10 / 3)
+    with pytest.raises(ValueError, match="reference='full'"):
+        cost_to_target(runs, "kl", False, reference="full")
