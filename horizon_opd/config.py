@@ -282,6 +282,12 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
         if self.loss_type == "sequence":
             raise ValueError("loss_type='sequence' with horizon='rolling': the sequence-level advantage sums to the end "
                              "of the rollout, which a chunk does not reach. Use loss_type='reverse_kl' or 'sampled'.")
+        beams = (self.generation_kwargs or {}).get("num_beams", 1)
+        if self.rolling_student_cache and beams > 1:
+            raise ValueError(f"generation_kwargs sets num_beams={beams} with horizon='rolling' and "
+                             f"rolling_student_cache=True: beam search keeps {beams} cache rows per rollout, so the "
+                             f"loss would read another row's keys and values. Drop num_beams, or set "
+                             f"rolling_student_cache=False.")
 
     def _check_remote_teacher(self) -> None:
         for name, low in (("loss_top_k", 1), ("teacher_server_max_retries", 0), ("teacher_server_chunk_size", 0)):

@@ -35,13 +35,60 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
-def supports(config) -> bool:
-    """Whether a model's cache layers all grow with the sequence (full attention): the ones this cache can hold."""
+# RoPE variants whose frequencies depend on the sequence's length: a cached prefix was encoded at another length.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def exactness_problem(config) -> str | None:
+    """Why reused keys and values would not equal a recompute for this model, or None where they do.
+
+    The caches encode each row at its true positions (0, 1, ... after its left padding), TRL's one-forward path at
+    positions that count the padding; the two agree only where attention depends on position differences alone
+    (rotary embeddings at a fixed frequency). And the cache must hold every position (full attention)."""
+    rope = getattr(config, "rope_parameters", None)
+    if not rope:
+        return (f"{type(config).__name__} has no rotary position embeddings (learned absolute positions, like GPT-2's "
+                f"wpe): a row's hidden states depend on where its left padding puts it")
+    for parameters in (rope.values() if "rope_type" not in rope else [rope]):  # per layer type in some models
+        if isinstance(parameters, dict) and parameters.get("rope_type") in LENGTH_DEPENDENT_ROPE:
+            return (f"rope_type={parameters['rope_type']!r} scales the rotary frequencies with the sequence's length, "
+                    f"so a prefix encoded at an earlier length differs")
     try:
         cache = DynamicCache(config=config)
-    except Exception:  # noqa: BLE001 - a config transformers cannot build a cache for is simply not cached
-        return False
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    except Exception as error:  # noqa: BLE001 - a config transformers cannot build a cache for is not cached
+        return f"transformers builds no KV cache for it ({error})"
+    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    if kinds:
+        return f"its cache layers {sorted(kinds)} do not keep every position (sliding window or similar)"
+    return None
+
+
+def supports(config) -> bool:
+    """Whether reused keys and values equal a recompute for this model (`exactness_problem` is None)."""
+    return exactness_problem(config) is None
+
+
+def student_cache_problem(model, args, deepspeed: bool) -> str | None:
+    """Why the student's generation cache would not equal the loss's own forward over the contexts, or None.
+
+    Beyond the model's own (`exactness_problem`): `generate` runs in train mode, so dropout samples other masks for
+    the generation than for the loss; and with `bf16`/`fp16` autocast over float32 weights (no DeepSpeed, which casts
+    the weights themselves) generation runs under autocast and the loss forward does not."""
+    problem = exactness_problem(model.config)
+    if problem:
+        return problem
+    dropouts = {name: module.p for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Dropout) and module.p > 0}
+    rate = getattr(model.config, "attention_dropout", 0.0) or 0.0
+    if dropouts or rate > 0:
+        where = f"attention_dropout={rate}" if rate > 0 else f"{len(dropouts)} dropout modules (e.g. " \
+                f"{next(iter(dropouts))} p={next(iter(dropouts.values()))})"
+        return f"dropout ({where}) draws other masks in generation than in the loss forward"
+    weights = next(model.parameters()).dtype
+    if (args.bf16 or args.fp16) and not deepspeed and weights == torch.float32:
+        return (f"{'bf16' if args.bf16 else 'fp16'} autocast runs generation in lower precision over the float32 "
+                f"weights, the loss forward in float32")
+    return None
 
 
 class TeacherSlotCache:

@@ -11,6 +11,7 @@ file (`POOL_FILE`); the Trainer's loop gets a placeholder dataloader (`dataloade
 
 import json
 import os
+import warnings
 
 import torch
 from torch.utils.data import DataLoader
@@ -27,7 +28,7 @@ class Rolling:
     """A rank's rollouts in flight, where its freed slots draw their prompts, and the caches kept for them."""
 
     def __init__(self, args, first_chunk: int, eos_token_ids: list[int], train_dataset, accelerator, shuffle: bool,
-                 teachers: list):
+                 teachers: list, student, deepspeed: bool, use_vllm: bool):
         L = args.max_completion_length
         self.pool = RolloutPool(num_slots=args.per_device_train_batch_size * args.gradient_accumulation_steps,
                                 chunk=first_chunk, max_tokens=min(L, args.rollout_max_tokens or L),
@@ -37,10 +38,25 @@ class Rolling:
             self.stream = PromptStream(train_dataset, rank=accelerator.process_index,
                                        world_size=accelerator.num_processes, shuffle=shuffle, seed=args.seed)
         for teacher in teachers:  # each local teacher keeps its own slots' keys and values
-            if args.rolling_teacher_cache and teacher.model is not None and kv_cache.supports(
-                    accelerator.unwrap_model(teacher.model).config):
+            if not args.rolling_teacher_cache or teacher.model is None:
+                continue
+            problem = kv_cache.exactness_problem(accelerator.unwrap_model(teacher.model).config)
+            if problem:
+                named = f" of teacher {teacher.name!r}" if teacher.name is not None else ""
+                warnings.warn(f"rolling_teacher_cache is off{named}: {problem}. The teacher re-encodes each context "
+                              f"every step instead (same losses, more teacher tokens).", stacklevel=3)
+            else:
                 teacher.cache = kv_cache.TeacherSlotCache()
         self.teachers = teachers
+        # why the student's loss cannot reuse generation's keys and values (None: it does, `generate`)
+        self.student_cache_problem = None
+        if args.rolling_student_cache and not use_vllm:  # vLLM's cache lives in the engine, not in reach
+            self.student_cache_problem = kv_cache.student_cache_problem(student, args, deepspeed)
+            if self.student_cache_problem:
+                warnings.warn(f"rolling_student_cache is off: {self.student_cache_problem}. The loss re-encodes each "
+                              f"context without grad instead (exact; more student tokens). Set "
+                              f"rolling_student_cache=False to silence this.", stacklevel=3)
+        self.student_cache = args.rolling_student_cache and not use_vllm and self.student_cache_problem is None
         self._generation = None  # (step, generate's KV cache of the step's contexts, their padded width)
 
     # ----------------------------------------------------------------------------------------------- a step

@@ -113,8 +113,9 @@ class RolloutPool:
         return [slot.row for slot in self.slots]
 
     def needs_prefixes(self) -> bool:
-        """Whether the `"prefix"` warm-up still has to run (`seed_prefix_tokens` > 0 tokens per slot)."""
-        return self.warmup == "prefix" and not self.seeded
+        """Whether the `"prefix"` warm-up still has to run: `seed_prefix_tokens` > 0 tokens per slot (with one slot,
+        or one chunk per rollout, every slot starts at depth 0 and there is nothing to seed)."""
+        return self.warmup == "prefix" and not self.seeded and self.seed_prefix_tokens() > 0
 
     def seed_prefix_tokens(self) -> int:
         """Tokens the `"prefix"` warm-up generates per slot so every slot can start at its seed depth."""

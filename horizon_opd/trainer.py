@@ -109,7 +109,8 @@ class HorizonOPDTrainer(DistillationTrainer):
         self.rolling: Rolling | None = None  # rollouts in flight across steps (horizon="rolling")
         if args.horizon == "rolling":
             self.rolling = Rolling(args, horizon_at(0, 1, self.horizon_policy), self.eos_token_ids,
-                                   self.train_dataset, self.accelerator, self.shuffle_dataset, self.teachers)
+                                   self.train_dataset, self.accelerator, self.shuffle_dataset, self.teachers,
+                                   self.accelerator.unwrap_model(self.model), self.is_deepspeed_enabled, self.use_vllm)
             self.book.reach = self.rolling.pool.max_tokens  # rolled chunks train every position up to it
         self.rollout_pool = self.rolling.pool if self.rolling else None
         self.prompt_stream = self.rolling.stream if self.rolling else None  # where freed slots draw their prompts
@@ -207,7 +208,7 @@ class HorizonOPDTrainer(DistillationTrainer):
             self._meter().add_rollouts(completion_ids)
             return completion_ids
         step = self.state.global_step
-        if self.args.rolling_student_cache and not self.use_vllm:
+        if self.rolling.student_cache:
             completion_ids = self.rolling.generate(
                 lambda: super(HorizonOPDTrainer, self)._generate_single_turn(prompt_ids, images, multimodal_fields),
                 self.accelerator.unwrap_model(self.model), prompt_ids, step, self.pad_to_multiple_of)
