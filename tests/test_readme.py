@@ -190,8 +190,18 @@ def check_command(command: str) -> None:
         _check_python(rest)
     elif program == "accelerate":
         _check_accelerate(rest)
+    elif program == "bash":
+        _check_bash(rest)
     else:
         raise AssertionError(f"no check for `{command}`: add one to tests/test_readme.py")
+
+
+def _check_bash(rest: list[str]) -> None:
+    script = REPO_ROOT / rest[0]
+    assert script.is_file(), f"bash {rest[0]}: no such script"
+    if script.name == "install_vllm.sh":
+        modes = re.findall(r'"\$target" = (\w+)', script.read_text())
+        assert rest[1:2] and rest[1] in modes, f"bash {' '.join(rest)}: the script's modes are {modes}"
 
 
 def test_readme_is_a_users_guide_under_250_lines():
