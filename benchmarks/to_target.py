@@ -12,6 +12,7 @@ from the small pair that was run to the 1.5B/7B pair.
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -37,6 +38,10 @@ TASKS = {
     "SmolLM2 L = 256": (["examples/real_model/results.json"], "heldout_kl", False,
                         "SmolLM2-135M-Instruct, a third of its layers pruned, distilled from the unpruned model "
                         "(examples/real_model/README.md; held-out KL on 16 prompts, 20 steps x 4 prompts)"),
+    "SmolLM2 L = 256, run to OPD's final KL": (
+        ["examples/real_model/runs/opd_seed*.json", "examples/real_model/long/runs/*.json"], "heldout_kl", False,
+        "the same pair; OPD's 20-step runs set the target, the other methods run until their held-out KL reaches "
+        "OPD's final mean (0.6875) or 80 steps (`--stop-at-kl 0.6875 --steps 80`, seed 0)"),
 }
 REFERENCE = "OPD"
 
@@ -59,14 +64,28 @@ def gpu_seconds_per_step(scenario: gm.Scenario = gm.Scenario()) -> dict[str, dic
     return out
 
 
+def heldout_error(pattern: str, metric: str, result: dict) -> str:
+    """What one held-out figure's own sampling error is: binomial for an accuracy over n prompts."""
+    with open(sorted(glob.glob(os.path.join(ROOT, pattern)))[0]) as f:
+        settings = json.load(f).get("settings", {})
+    n = settings.get("eval_prompts") or settings.get("heldout_prompts")
+    if metric == "accuracy" and n:
+        p = next(r["final"] for r in result["rows"] if r["method"] == REFERENCE)
+        return (f"Held-out accuracy on {n} prompts: one run's binomial standard error sqrt(p (1 - p) / n) is "
+                f"{math.sqrt(p * (1 - p) / n):.3f} at OPD's final {p:.3f} ({math.sqrt(0.25 / n):.3f} at p = 0.5); "
+                f"the tables' s.e. is over seeds.")
+    return (f"Held-out {metric} over {n} prompts, one sampled rollout each; these runs did not record its spread over "
+            f"prompts, so only the s.e. over seeds is given.")
+
+
 def load_runs(files: list[str]) -> dict[str, list[dict]]:
     """Runs by method name; a (method, seed) that an earlier file holds is not counted again (the wide files repeat
     their OPD runs)."""
     runs, seen = {}, set()
-    for file in files:
-        with open(os.path.join(ROOT, file)) as f:
+    for file in [path for pattern in files for path in sorted(glob.glob(os.path.join(ROOT, pattern)))]:
+        with open(file) as f:
             results = json.load(f)
-        for run in results.get("methods") or results.get("runs"):
+        for run in results.get("methods") or results.get("runs") or [results]:  # a results file, or one run's
             if (run["name"], run["seed"]) not in seen:
                 seen.add((run["name"], run["seed"]))
                 runs.setdefault(run["name"], []).append(run)
@@ -118,8 +137,11 @@ def main(argv=None) -> int:
         result = cost_to_target(runs, metric, higher, REFERENCE,
                                 gpu_seconds_per_step={m: prices[m] for m in runs if m in prices})
         payload["tasks"][task] = {"files": files, **result}
-        lines += [f"## {task}", "", f"{what}; {', '.join(files)}."]
-        lines += to_target_table(result) + [""]
+        lines += [f"## {task}", "", f"{what}; {', '.join(files)}.", "", heldout_error(files[0], metric, result)]
+        lines += to_target_table(result) + [
+            "", "A schedule that moves the horizon (POPD, anchored, adaptive) is priced at its mean step over a "
+            "100-step schedule at L = 1024, not at the horizons the run had used when it reached the target: read "
+            "its measured decode iterations beside it.", ""]
         if args.plots:
             os.makedirs(args.plots, exist_ok=True)
             name = "to_target_" + "".join(c if c.isalnum() else "_" for c in task.lower()).strip("_") + ".png"

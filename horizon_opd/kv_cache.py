@@ -11,8 +11,11 @@ instead of context + chunk.
 Exactness. Each row is encoded at its true positions 0, 1, ... (the cache is left-padded in the batch, and the new
 tokens get explicit `position_ids`), as `generate` encodes a left-padded prompt. TRL's one-forward path counts the left
 padding in the positions instead; with rotary embeddings attention depends only on position differences, so the two
-agree to float tolerance (tests/test_rolling.py checks the loss to 1e-5). Models with sliding-window or other
-non-growing cache layers are not cached (`supports`), and the trainer falls back to the full forward.
+agree to float tolerance (tests/test_rolling.py checks the loss to 1e-5). Where they would not agree, the trainer does
+not cache and warns why (`exactness_problem`): learned absolute positions (GPT-2's `wpe`), RoPE scaled by the
+sequence's length (`dynamic`, `longrope`), sliding-window or other non-growing cache layers; and for the student's
+cache also dropout (generation and the loss draw other masks) and bf16/fp16 autocast over float32 weights
+(`student_cache_problem`).
 
 The student's loss forward at a step runs the weights that generated that step's chunks, so the keys and values
 `generate` computed for each context (its prefill) are the ones the loss's no-grad context forward would compute:

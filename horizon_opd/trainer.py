@@ -88,8 +88,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         routed = None not in plan  # several named teachers, chosen per row by args.teacher_id_column
         self._check_arguments(model, args, plan, routed, train_dataset, eval_dataset, peft_config, tools)
         loaded = load_teachers(plan, args)  # servers first: an unreachable URL fails before the student loads
-        if args.use_vllm and args.vllm_mode == "colocate":
-            vllm_compat.patch_cpu_gemm()  # before TRL builds the engine; a no-op off vLLM's CPU build
+        vllm_compat.prepare(args)  # before TRL builds the engine
         super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
@@ -106,16 +105,19 @@ class HorizonOPDTrainer(DistillationTrainer):
         self.shared_vocab_size = only.shared_vocab_size
         # the step's meters, log windows, alarm, cost ledger and horizon policy (`step_book.py`)
         self.book = StepBook(args, self.teacher_names, logs_scored_tokens=has_server(self.teachers))
-        self.rolling: Rolling | None = None  # rollouts in flight across steps (horizon="rolling")
-        if args.horizon == "rolling":
-            self.rolling = Rolling(args, horizon_at(0, 1, self.horizon_policy), self.eos_token_ids,
-                                   self.train_dataset, self.accelerator, self.shuffle_dataset, self.teachers,
-                                   self.accelerator.unwrap_model(self.model), self.is_deepspeed_enabled, self.use_vllm)
-            self.book.reach = self.rolling.pool.max_tokens  # rolled chunks train every position up to it
+        self.rolling = self._start_rolling(args) if args.horizon == "rolling" else None  # rollouts in flight
         self.rollout_pool = self.rolling.pool if self.rolling else None
         self.prompt_stream = self.rolling.stream if self.rolling else None  # where freed slots draw their prompts
         self.teacher_cache = only.cache  # the one teacher's keys and values per slot (rolling)
         self.add_callback(RestoreHorizonState(self))
+
+    def _start_rolling(self, args) -> Rolling:
+        """The rollouts in flight across steps (horizon="rolling"), their prompt stream and caches."""
+        rolling = Rolling(args, horizon_at(0, 1, self.horizon_policy), self.eos_token_ids, self.train_dataset,
+                          self.accelerator, self.shuffle_dataset, self.teachers,
+                          self.accelerator.unwrap_model(self.model), self.is_deepspeed_enabled, self.use_vllm)
+        self.book.reach = rolling.pool.max_tokens  # rolled chunks train every position up to it
+        return rolling
 
     @staticmethod
     def _check_arguments(model, args, plan, routed, train_dataset, eval_dataset, peft_config, tools) -> None:

