@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import gpu_model as gm  # noqa: E402
 
-from horizon_opd.to_target import cost_to_target, mean_curve, to_target_table  # noqa: E402
+from horizon_opd.to_target import by_method, cost_to_target, mean_curve, to_target_table  # noqa: E402
 
 # task -> (results files, metric, higher is better, what it is)
 TASKS = {
@@ -81,15 +81,13 @@ def heldout_error(pattern: str, metric: str, result: dict) -> str:
 def load_runs(files: list[str]) -> dict[str, list[dict]]:
     """Runs by method name; a (method, seed) that an earlier file holds is not counted again (the wide files repeat
     their OPD runs)."""
-    runs, seen = {}, set()
+    records = {}
     for file in [path for pattern in files for path in sorted(glob.glob(os.path.join(ROOT, pattern)))]:
         with open(file) as f:
             results = json.load(f)
         for run in results.get("methods") or results.get("runs") or [results]:  # a results file, or one run's
-            if (run["name"], run["seed"]) not in seen:
-                seen.add((run["name"], run["seed"]))
-                runs.setdefault(run["name"], []).append(run)
-    return runs
+            records.setdefault((run["name"], run["seed"]), run)
+    return by_method(list(records.values()))
 
 
 def plot(task: str, runs: dict[str, list[dict]], metric: str, prices: dict, result: dict, path: str) -> None:

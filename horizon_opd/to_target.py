@@ -53,6 +53,15 @@ def value_at(points: list[tuple[float, float]], x: float) -> float:
     raise ValueError(f"x = {x} lies outside the curve's steps {points[0][0]}..{points[-1][0]}")
 
 
+def by_method(records: list[dict], key: str = "name") -> dict[str, list[dict]]:
+    """Run records (one per method and seed, as results.json lists them) grouped by method: `cost_to_target`'s
+    `runs`."""
+    runs = {}
+    for record in records:
+        runs.setdefault(record[key], []).append(record)
+    return runs
+
+
 def mean_curve(runs: list[dict], metric: str) -> list[dict]:
     """Each run's `curve` (a list of points with "step", `metric` and cumulative costs), averaged over runs at the
     steps every run evaluated. Each point holds the mean of every numeric field, and `metric`'s per-run values

@@ -219,7 +219,7 @@ class HorizonOPDTrainer(DistillationTrainer):
         # prompt_ids are the slots' contexts (`_tokenize_prompts`): each rollout gains one chunk
         return self.rolling.advance(completion_ids, step, self._meters["train"])
 
-    def _count_prefix_cache_hits(self, prompt_tokens: int, cached_tokens: int) -> None:
+    def _count_prefix_cache_hits(self, cached_tokens: int) -> None:
         if self.model.training:  # as prefill_tokens: training's generations
             self._meters["train"].count("prefill_cached_tokens", cached_tokens)
 

@@ -46,17 +46,16 @@ def patch_cpu_gemm() -> bool:
     return True
 
 
-def count_prefix_cache_hits(llm, add: Callable[[int, int], None]) -> None:
-    """Wrap the colocated engine's `generate` so that every call reports `add(prompt_tokens, cached_tokens)`: the
-    context tokens it was given and those its prefix cache already held (vLLM's `RequestOutput.num_cached_tokens`).
-    The engine encoded the difference. TRL resets the prefix cache after every weight sync, so a step's first
+def count_prefix_cache_hits(llm, add: Callable[[int], None]) -> None:
+    """Wrap the colocated engine's `generate` so that every call reports `add(cached_tokens)`: the context tokens its
+    prefix cache already held (vLLM's `RequestOutput.num_cached_tokens`). The engine encoded the rest of the
+    context tokens it was given (the trainer counts those as `prefill_tokens`). TRL resets the prefix cache after every weight sync, so a step's first
     generation finds nothing cached but the prefixes its own requests share."""
     generate = llm.generate
 
     def generate_and_count(*args, **kwargs):
         outputs = generate(*args, **kwargs)
-        add(sum(len(output.prompt_token_ids) for output in outputs),
-            sum(output.num_cached_tokens or 0 for output in outputs))
+        add(sum(output.num_cached_tokens or 0 for output in outputs))
         return outputs
 
     llm.generate = generate_and_count

@@ -23,7 +23,7 @@ from ..diagnostics import kl_by_position
 from ..horizon import policy_from_alias, ratio_to_tokens
 from ..monitor import COUNTERS
 from ..teachers import has_server
-from ..to_target import cost_to_target, to_target_table
+from ..to_target import by_method, cost_to_target, to_target_table
 from ..trainer import HorizonOPDTrainer
 from .evaluation import evaluate_accuracy
 from .measure import PeakRSS, machine_description
@@ -224,9 +224,7 @@ def run_comparison(methods: list[Method], student, teacher, tokenizer, train_dat
 def cost_to_opd_quality(results: dict) -> dict | None:
     """Each method's cost to OPD's mean accuracy at 50% and 100% of its steps (`horizon_opd.to_target`); None without
     an OPD run."""
-    runs = {}
-    for record in results["methods"]:
-        runs.setdefault(record["name"], []).append(record)
+    runs = by_method(results["methods"])
     if "OPD" not in runs:
         return None
     return cost_to_target(runs, "accuracy", higher_is_better=True, reference="OPD")
