@@ -80,6 +80,19 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
             generation's KV cache until the step's last micro-batch. Not with vLLM generation (its cache lives in
             another process), where the context is re-encoded.
 
+        rolling_student_memory (`bool`, *optional*, defaults to `False`):
+            With `horizon="rolling"`, keep each slot's student keys and values across steps and continue generation
+            from them, so no context is re-encoded (Transformer-XL's memory; `horizon_opd/student_memory.py`). An
+            approximation: a slot's memory was written by the weights of up to ceil(L / chunk) - 1 steps ago (logged
+            as `rolling/memory_age_mean` and `_max`). Needs `rolling_student_cache` (the loss reads the same keys and
+            values) and generation with transformers (not vLLM). Not checkpointed: a resumed run re-encodes each
+            context once.
+
+        rolling_memory_refresh_every (`int` or `None`, *optional*, defaults to `None`):
+            With `rolling_student_memory`, re-encode a slot's context under the current weights once its oldest kept
+            position is this many steps old (1: every step, exact rolling). `None`: never; a slot's memory ends with
+            its rollout.
+
         > Parameters that control the loss
 
         loss_type (`str`, *optional*, defaults to `"reverse_kl"`):
@@ -167,6 +180,14 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
     rolling_student_cache: bool = field(
         default=True,
         metadata={"help": "Rolling rollouts: the student's loss reads the contexts' keys and values from generation."},
+    )
+    rolling_student_memory: bool = field(
+        default=False,
+        metadata={"help": "Rolling rollouts: keep each slot's student keys and values across steps (approximate)."},
+    )
+    rolling_memory_refresh_every: int | None = field(
+        default=None,
+        metadata={"help": "With rolling_student_memory: re-encode a slot once its memory is this many steps old."},
     )
     loss_type: str = field(
         default="reverse_kl",
@@ -274,6 +295,7 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
                              f"None to let rollouts run to max_completion_length.")
         if self.rolling_warmup not in WARMUPS:
             raise ValueError(f"rolling_warmup={self.rolling_warmup!r} is unknown; choose one of {list(WARMUPS)}.")
+        self._check_student_memory()
         if self.horizon != "rolling":
             return
         if self.loss_window is not None:
@@ -288,6 +310,27 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
                              f"rolling_student_cache=True: beam search keeps {beams} cache rows per rollout, so the "
                              f"loss would read another row's keys and values. Drop num_beams, or set "
                              f"rolling_student_cache=False.")
+
+    def _check_student_memory(self) -> None:
+        k = self.rolling_memory_refresh_every
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"rolling_memory_refresh_every={k!r} must be an integer >= 1 (steps), or None to never "
+                             f"refresh.")
+        if k is not None and not self.rolling_student_memory:
+            raise ValueError(f"rolling_memory_refresh_every={k} without rolling_student_memory: there is no memory to "
+                             f"refresh. Set rolling_student_memory=True, or drop rolling_memory_refresh_every.")
+        if not self.rolling_student_memory:
+            return
+        if self.horizon != "rolling":
+            raise ValueError(f"rolling_student_memory=True with horizon={self.horizon!r}: only rolling rollouts carry "
+                             f"contexts across steps. Use horizon='rolling', or drop rolling_student_memory.")
+        if not self.rolling_student_cache:
+            raise ValueError("rolling_student_memory=True with rolling_student_cache=False: the loss reads the memory "
+                             "through the student cache. Set rolling_student_cache=True.")
+        if self.use_vllm:
+            raise ValueError("rolling_student_memory=True with use_vllm=True: vLLM keeps its own cache, which TRL "
+                             "resets at every weight sync, so there is no memory to keep. Generate with transformers "
+                             "(use_vllm=False), or drop rolling_student_memory.")
 
     def _check_remote_teacher(self) -> None:
         for name, low in (("loss_top_k", 1), ("teacher_server_max_retries", 0), ("teacher_server_chunk_size", 0)):

@@ -191,6 +191,26 @@ def captured_cache(backbone):
         handle.remove()
 
 
+@contextmanager
+def continuing_from(model, cache: DynamicCache | None):
+    """Within the block, `model.generate(...)` (as TRL calls it) continues from `cache`, the keys and values of
+    every context position but the last (None: generate as usual). The override is an instance attribute, removed
+    on exit."""
+    if cache is None:
+        yield
+        return
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        return original(*args, cache=cache, **kwargs)
+
+    model.generate = generate
+    try:
+        yield
+    finally:
+        del model.generate
+
+
 def context_cache(cache: DynamicCache, rows: torch.Tensor, length: int, config) -> DynamicCache | None:
     """A new cache with rows `rows` and the first `length` positions of `cache` (None if it cannot serve: a layer
     that does not grow with the sequence, or fewer positions than asked)."""

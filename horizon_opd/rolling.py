@@ -5,7 +5,8 @@ TRL's seams. At each step the freed slots draw their prompts from the stream (`s
 slot's context instead of a prompt (`contexts`), each rollout gains one chunk (`advance`), and the loss may reuse the
 keys and values generation computed for the contexts (`generate`, `generation`). The caches live beside the slots
 they describe: a local teacher's per slot (`kv_cache.TeacherSlotCache`, dropped with the slot's rollout) and the
-student's of the step's generation. Each rank's pool and its place in the stream go into the checkpoint as their own
+student's of the step's generation, and with `rolling_student_memory` the student's per slot across steps
+(`student_memory.StudentMemory`). Each rank's pool and its place in the stream go into the checkpoint as their own
 file (`POOL_FILE`); the Trainer's loop gets a placeholder dataloader (`dataloader`), a clock of `max_steps` steps.
 """
 
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from . import kv_cache
 from .rollout import PromptStream, RolloutPool
+from .student_memory import StudentMemory
 
 # Each rank's rollouts in flight and its place in the prompt stream live in their own file of the checkpoint:
 # rollout_pool_{rank}.json.
@@ -58,6 +60,14 @@ class Rolling:
                               f"rolling_student_cache=False to silence this.", stacklevel=3)
         self.student_cache = args.rolling_student_cache and not use_vllm and self.student_cache_problem is None
         self._generation = None  # (step, generate's KV cache of the step's contexts, their padded width)
+        # the student's keys and values per slot across steps (rolling_student_memory): it feeds the student cache
+        self.memory = None
+        if args.rolling_student_memory and self.student_cache:
+            self.memory = StudentMemory(student.config, self.pool.max_tokens, args.rolling_memory_refresh_every)
+        elif args.rolling_student_memory:
+            warnings.warn(f"rolling_student_memory is off: the loss cannot read generation's keys and values "
+                          f"({self.student_cache_problem}). Each context is re-encoded every step.", stacklevel=3)
+        self._contexts = None  # the step's contexts as generation read them (the memory's next positions follow them)
 
     # ----------------------------------------------------------------------------------------------- a step
     def dataloader(self, max_steps: int, gradient_accumulation_steps: int) -> DataLoader:
@@ -72,9 +82,9 @@ class Rolling:
         next prompts of the stream. A slot keeps its row, and so its teacher, until its rollout ends."""
         if self.stream is None:
             raise ValueError("horizon='rolling' trains on rollouts of train_dataset's prompts: pass a train_dataset.")
-        for teacher in self.teachers:  # the last step's losses are done: its finished rollouts' keys can go
-            if teacher.cache is not None:
-                teacher.cache.drop(self.pool.finished_slots)
+        for cache in [t.cache for t in self.teachers] + [self.memory]:  # the finished rollouts' keys can go
+            if cache is not None:
+                cache.drop(self.pool.finished_slots)
         started = self.pool.fill(self.stream.next)
         meter.count("prompts_started", len(started))
         return self.pool.rows()
@@ -103,15 +113,27 @@ class Rolling:
             metrics[key].append(value)
         return contexts, None, {}
 
-    def generate(self, generate, model, prompt_ids: list, step: int, pad_to_multiple_of: int | None):
+    def generate(self, generate, model, prompt_ids: list, step: int, pad_to_multiple_of: int | None, pad_id: int,
+                 meter, metrics):
         """`generate(prompt_ids)`, keeping generate's keys and values of the contexts for the step's loss, which runs
-        the same weights over them (`generation`)."""
-        with kv_cache.captured_cache(kv_cache.backbone(model)) as captured:
-            completion_ids = generate()
+        the same weights over them (`generation`). With a student memory, generation continues from each slot's
+        kept keys and values instead of encoding its context (`StudentMemory.cache_for`)."""
         width = max(len(ids) for ids in prompt_ids)  # the left-padded width, as TRL pads them for the loss
         if pad_to_multiple_of:
             width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        body = kv_cache.backbone(model)
+        memory = None
+        if self.memory is not None:
+            memory, encoded = self.memory.cache_for(body, prompt_ids, list(range(len(prompt_ids))), width, step,
+                                                    pad_id)
+            meter.count("prefill_tokens", encoded + len(prompt_ids))  # the fresh contexts, then each last token
+            age_mean, age_max = self.memory.ages(step)
+            metrics["rolling/memory_age_mean"].append(age_mean)
+            metrics["rolling/memory_age_max"].append(float(age_max))
+        with kv_cache.captured_cache(body) as captured, kv_cache.continuing_from(model, memory):
+            completion_ids = generate()
         self._generation = (step, captured[0], width) if captured else None
+        self._contexts = prompt_ids
         return completion_ids
 
     def generation(self, step: int):
@@ -124,6 +146,9 @@ class Rolling:
         """Each rollout gains the chunk just generated; returns the chunks, each slot's row of the step."""
         meter.add_generation(completion_ids)
         completion_ids = self.pool.advance(completion_ids, step)
+        if self.memory is not None and self._generation is not None and self._generation[0] == step:
+            _, cache, width = self._generation
+            self.memory.write(cache, list(range(len(completion_ids))), self._contexts, completion_ids, width, step)
         meter.count_rollouts(self.pool.finished)
         return completion_ids
 
@@ -157,3 +182,5 @@ class Rolling:
         for teacher in self.teachers:  # rebuilt from the contexts at the next step (same values)
             if teacher.cache is not None:
                 teacher.cache.clear()
+        if self.memory is not None:  # not checkpointed: re-encoded at the next step under the resumed weights
+            self.memory.clear()

@@ -203,7 +203,8 @@ class HorizonOPDTrainer(DistillationTrainer):
             if self.args.rollout_max_tokens is not None:
                 horizon = min(horizon, self.args.rollout_max_tokens)
             self.book.step_horizon = horizon
-            self._meters["train"].count("prefill_tokens", sum(len(ids) for ids in prompt_ids))
+            if not (self._rolls() and self.rolling.memory is not None):  # a memory counts what it encodes
+                self._meters["train"].count("prefill_tokens", sum(len(ids) for ids in prompt_ids))
         self._set_generation_limit(horizon)
         if not self._rolls():
             completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
@@ -213,7 +214,8 @@ class HorizonOPDTrainer(DistillationTrainer):
         if self.rolling.student_cache:
             completion_ids = self.rolling.generate(
                 lambda: super(HorizonOPDTrainer, self)._generate_single_turn(prompt_ids, images, multimodal_fields),
-                self.accelerator.unwrap_model(self.model), prompt_ids, step, self.pad_to_multiple_of)
+                self.accelerator.unwrap_model(self.model), prompt_ids, step, self.pad_to_multiple_of,
+                self._tokenizer.pad_token_id, self._meters["train"], self._metrics["train"])
         else:
             completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         # prompt_ids are the slots' contexts (`_tokenize_prompts`): each rollout gains one chunk

@@ -41,15 +41,24 @@ MATCHED_PREFIX = "opd-matched"
 WIDE_INFIX = "-wide"
 
 
+# Modifiers a rolling method's name may end with, each after a `+` (`rolling-wide0.1+memory`): `memory`, the student's
+# keys and values kept across steps (`rolling_student_memory`), `refresh<k>` with it every k steps; and the two
+# diagnostics of rolling's gap to OPD (`demo/rolling_gap.py`, not user options): `resample`, each step's contexts
+# resampled from the current student, and `grad`, the context's forward with grad.
+MODIFIERS = ("memory", "refresh<k>", "resample", "grad")
+
+
 @dataclass
 class Method:
     """A named horizon setting: the `HorizonOPDConfig` fields that differ between methods, and for a token-matched
     method the prompts per step it trains on relative to the comparison's B (`batch_ratio`: ceil(batch_ratio * B)
-    prompts; below 1 for `opd-matched<rho>`, 1 / rho for `<method>-wide<rho>`)."""
+    prompts; below 1 for `opd-matched<rho>`, 1 / rho for `<method>-wide<rho>`). `trainer_class`: the trainer that runs
+    it (a diagnostic's subclass; None: `HorizonOPDTrainer`)."""
 
     name: str
     horizon: dict = field(default_factory=dict)
     batch_ratio: float | None = None
+    trainer_class: type | None = None
 
     def batch_size(self, batch_size: int) -> int:
         """Prompts per step for this method when the comparison runs B = `batch_size`."""
@@ -62,7 +71,39 @@ class Method:
 
 def method(name: str) -> Method:
     """The method a command-line name stands for (`opd`, `opd-matched0.1`, `topd0.1`, `popd`, `popd-stages`,
-    `anchored`, `adaptive`, `rolling`, ...), labelled by its policy. Raises ValueError naming the accepted names."""
+    `anchored`, `adaptive`, `rolling`, `rolling-wide0.1+memory`, ...), labelled by its policy. Raises ValueError naming
+    the accepted names."""
+    base, *modifiers = name.split("+")
+    chosen = _method(base)
+    if modifiers and chosen.horizon.get("horizon") != "rolling":
+        raise ValueError(f"{name!r}: the modifiers {MODIFIERS} apply to rolling methods only (rolling0.1+memory, "
+                         f"rolling-wide0.1+grad, ...)")
+    for modifier in modifiers:
+        chosen = _modified(chosen, modifier, name)
+    return chosen
+
+
+def _modified(chosen: Method, modifier: str, name: str) -> Method:
+    from .rolling_gap import ContextGradTrainer, ResampledContextTrainer  # diagnostics: imported only when asked
+
+    if modifier == "memory":
+        return Method(f"{chosen.name} memory", {**chosen.horizon, "rolling_student_memory": True}, chosen.batch_ratio,
+                      chosen.trainer_class)
+    if modifier.startswith("refresh") and modifier[len("refresh"):].isdigit() and \
+            chosen.horizon.get("rolling_student_memory"):
+        k = int(modifier[len("refresh"):])
+        return Method(f"{chosen.name} refresh {k}", {**chosen.horizon, "rolling_memory_refresh_every": k},
+                      chosen.batch_ratio, chosen.trainer_class)
+    diagnostics = {"resample": ("resampled contexts", ResampledContextTrainer),
+                   "grad": ("context with grad", ContextGradTrainer)}
+    if modifier in diagnostics and chosen.trainer_class is None:
+        label, trainer_class = diagnostics[modifier]
+        return Method(f"{chosen.name} {label}", dict(chosen.horizon), chosen.batch_ratio, trainer_class)
+    raise ValueError(f"{name!r}: unknown or misplaced modifier {modifier!r}; a rolling method takes +memory (then "
+                     f"+refresh<k>, e.g. +memory+refresh2), or one diagnostic, +resample or +grad.")
+
+
+def _method(name: str) -> Method:
     if name.startswith(MATCHED_PREFIX):
         suffix = name[len(MATCHED_PREFIX):]
         try:
@@ -131,9 +172,9 @@ def run_method(method: Method, student, teacher, tokenizer, train_dataset, eval_
     )
     callback = HeldOutEvalCallback(evaluate, every=eval_every, on_step=on_step)
     # With `teacher_model_server_url` in extra_args, teacher is None: the server scores the rollouts.
-    trainer = HorizonOPDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args,
-                                train_dataset=train_dataset, eval_dataset=watch, processing_class=tokenizer,
-                                callbacks=[callback])
+    trainer_class = method.trainer_class or HorizonOPDTrainer
+    trainer = trainer_class(model=copy.deepcopy(student), teacher_model=teacher, args=args, train_dataset=train_dataset,
+                            eval_dataset=watch, processing_class=tokenizer, callbacks=[callback])
     callback.costs = trainer.cost.state_dict  # each point of the curve carries the costs so far
     trainer.remove_callback(PrinterCallback)  # the progress bar and the final table report progress instead
     with PeakRSS() as memory:
