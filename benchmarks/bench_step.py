@@ -64,6 +64,10 @@ CONFIGS = {
     "rolling_0.1_uncached": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1,
                              "rolling_warmup": "prefix", "rolling_teacher_cache": False,
                              "rolling_student_cache": False},
+    # `rolling_student_memory`: generation continues from each slot's student keys and values kept across steps, so
+    # the measured steps' prefill is each new prompt and each context's last token (stale keys, an approximation).
+    "rolling_0.1_memory": {"trainer": "horizon", "horizon": "rolling", "truncation_ratio": 0.1,
+                           "rolling_warmup": "prefix", "rolling_student_memory": True},
     # Stages [0.1, 0.25, 0.5, 1.0] x L starting at [0, 25, 50, 75] % of max_steps; the last stage is reached by
     # starting at global step 75 of 100, as a resumed run would.
     "progressive_first": {"trainer": "horizon", "horizon": "progressive", "progressive_schedule": "stages",

@@ -293,7 +293,7 @@ def standard_step(batch: int, prompt: int, horizon: int) -> StepShape:
                      batch * (prompt + horizon), batch * (prompt + horizon))
 
 
-CACHES = ("both", "teacher", "none")
+CACHES = ("memory", "both", "teacher", "none", "grad")
 
 
 def rolling_step(batch: int, prompt: int, depth: int, chunk: int, cache: str = "both") -> StepShape:
@@ -306,7 +306,12 @@ def rolling_step(batch: int, prompt: int, depth: int, chunk: int, cache: str = "
       reads the context's keys and values from the step's generation, so no context runs again without grad;
     - "teacher" (`rolling_student_cache=False`, or vLLM generation, whose cache is in another process): the teacher as
       "both", and the student's loss runs the context but its last token without grad;
-    - "none" (both caches off): that, and the teacher over context + chunk every step."""
+    - "none" (both caches off): that, and the teacher over context + chunk every step;
+    - "memory" (`rolling_student_memory`): as "both", and generation continues from the student's keys and values
+      kept per slot across steps, so its prefill encodes the prompt when a slot starts, then only the context's last
+      token (the memory was written by older weights: an approximation, horizon_opd/student_memory.py);
+    - "grad" (`rolling_context_grad`): the teacher as "both", and the student's loss runs context + chunk with grad
+      (full backprop through the context), so its fwd+bwd covers the whole sequence, as OPD's does."""
     if cache not in CACHES:
         raise ValueError(f"cache={cache!r}: use one of {CACHES}")
     context = prompt + depth
@@ -314,9 +319,11 @@ def rolling_step(batch: int, prompt: int, depth: int, chunk: int, cache: str = "
         teacher = context + chunk
     else:
         teacher = prompt + chunk if depth == 0 else chunk + 1
-    nograd = 0 if cache == "both" else max(context - 1, 0)
-    return StepShape(batch, chunk, context, batch * chunk, batch * chunk, batch * context, batch * nograd,
-                     batch * (chunk + 1), batch * teacher)
+    nograd = 0 if cache in ("both", "memory", "grad") else max(context - 1, 0)
+    prefill = context if cache != "memory" or depth == 0 else 1
+    grad = context + chunk if cache == "grad" else chunk + 1
+    return StepShape(batch, chunk, context, batch * chunk, batch * chunk, batch * prefill, batch * nograd,
+                     batch * grad, batch * teacher)
 
 
 def rolling_cycle(batch: int, prompt: int, length: int, ratio: float, cache: str = "both") -> list[StepShape]:
@@ -429,10 +436,17 @@ def methods(batch: int, prompt: int, length: int, rho: float = 0.1, steps: int =
     out += [
         Method(f"Rolling rho={rho:g}", rolling_cycle(batch, prompt, length, rho),
                "chunk ceil(rho L), depths 0, c, 2c, ...; each context encoded once per step per model (as built)"),
+        Method(f"Rolling rho={rho:g}, context with grad", rolling_cycle(batch, prompt, length, rho, cache="grad"),
+               "as rolling, the loss backpropagating through each context (rolling_context_grad)"),
         Method(f"TOPD rho={rho:g} wide", [standard_step(wide, prompt, chunk)],
                f"ceil(B / rho) = {wide} prompts, horizon ceil(rho L) (definition)"),
         Method(f"Rolling rho={rho:g} wide", rolling_cycle(wide, prompt, length, rho),
                f"ceil(B / rho) = {wide} slots, each context encoded once per step per model (as built)"),
+        Method(f"Rolling rho={rho:g} wide, student memory", rolling_cycle(wide, prompt, length, rho, cache="memory"),
+               f"ceil(B / rho) = {wide} slots, generation continuing from each slot's kept keys and values "
+               f"(rolling_student_memory: no context re-encoded)"),
+        Method(f"Rolling rho={rho:g} wide, context with grad", rolling_cycle(wide, prompt, length, rho, cache="grad"),
+               f"ceil(B / rho) = {wide} slots, the loss backpropagating through each context (rolling_context_grad)"),
         Method(f"Rolling rho={rho:g} wide, teacher cache only", rolling_cycle(wide, prompt, length, rho,
                                                                              cache="teacher"),
                f"ceil(B / rho) = {wide} slots, the student re-encoding its contexts for the loss (vLLM generation)"),
@@ -478,6 +492,7 @@ def cache_memory(scenario: "Scenario") -> list[dict]:
     rolling = held(rolling_cycle(1, s.prompt, s.length, s.rho))
     cases = [(f"Rolling rho={s.rho:g} wide", "teacher, kept across steps", s.teacher, wide, rolling),
              (f"Rolling rho={s.rho:g} wide", "student, in generate", s.student, wide, rolling),
+             (f"Rolling rho={s.rho:g} wide, student memory", "student, kept across steps", s.student, wide, rolling),
              (f"Rolling rho={s.rho:g}", "teacher, kept across steps", s.teacher, s.batch, rolling),
              (f"TOPD rho={s.rho:g} wide", "student, in generate", s.student, wide, (s.prompt + chunk,) * 2),
              ("OPD", "student, in generate", s.student, s.batch, (s.prompt + s.length,) * 2)]

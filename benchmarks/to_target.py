@@ -61,11 +61,15 @@ def gpu_seconds_per_step(scenario: gm.Scenario = gm.Scenario()) -> dict[str, dic
                      for column, rates in columns.items()}
     # the results files' names for the same methods
     out["Adaptive 0.1..1, probe every 5"] = out.get("Adaptive 0.1-1", {})
+    out["Rolling rho=0.1 wide memory"] = out["Rolling rho=0.1 wide, student memory"]
+    out["Rolling rho=0.1 context with grad"] = out["Rolling rho=0.1, context with grad"]
+    out["Rolling rho=0.1 wide context with grad"] = out["Rolling rho=0.1 wide, context with grad"]
     return out
 
 
-def heldout_error(pattern: str, metric: str, result: dict) -> str:
-    """What one held-out figure's own sampling error is: binomial for an accuracy over n prompts."""
+def heldout_error(pattern: str, metric: str, result: dict, runs: dict[str, list[dict]] | None = None) -> str:
+    """What one held-out figure's own sampling error is: binomial for an accuracy over n prompts; for the held-out KL
+    the standard error over prompts that the runs recorded (`heldout_kl_se`, newer runs only)."""
     with open(sorted(glob.glob(os.path.join(ROOT, pattern)))[0]) as f:
         settings = json.load(f).get("settings", {})
     n = settings.get("eval_prompts") or settings.get("heldout_prompts")
@@ -74,6 +78,14 @@ def heldout_error(pattern: str, metric: str, result: dict) -> str:
         return (f"Held-out accuracy on {n} prompts: one run's binomial standard error sqrt(p (1 - p) / n) is "
                 f"{math.sqrt(p * (1 - p) / n):.3f} at OPD's final {p:.3f} ({math.sqrt(0.25 / n):.3f} at p = 0.5); "
                 f"the tables' s.e. is over seeds.")
+    recorded = {method: [r["curve"][-1][f"{metric}_se"] for r in method_runs if r["curve"][-1].get(f"{metric}_se")]
+                for method, method_runs in (runs or {}).items()}
+    recorded = {method: values for method, values in recorded.items() if values}
+    if recorded:
+        cells = ", ".join(f"{method} {sum(v) / len(v):.3f} ({len(v)} runs)" for method, v in recorded.items())
+        return (f"Held-out {metric} over {n} prompts, one sampled rollout each. One run's standard error over prompts "
+                f"at its last evaluation, where recorded (mean over runs): {cells}; the other runs did not record it. "
+                f"The tables' s.e. is over seeds.")
     return (f"Held-out {metric} over {n} prompts, one sampled rollout each; these runs did not record its spread over "
             f"prompts, so only the s.e. over seeds is given.")
 
@@ -135,7 +147,7 @@ def main(argv=None) -> int:
         result = cost_to_target(runs, metric, higher, REFERENCE,
                                 gpu_seconds_per_step={m: prices[m] for m in runs if m in prices})
         payload["tasks"][task] = {"files": files, **result}
-        lines += [f"## {task}", "", f"{what}; {', '.join(files)}.", "", heldout_error(files[0], metric, result)]
+        lines += [f"## {task}", "", f"{what}; {', '.join(files)}.", "", heldout_error(files[0], metric, result, runs)]
         lines += to_target_table(result) + [
             "", "A schedule that moves the horizon (POPD, anchored, adaptive) is priced at its mean step over a "
             "100-step schedule at L = 1024, not at the horizons the run had used when it reached the target: read "

@@ -85,13 +85,21 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
             from them, so no context is re-encoded (Transformer-XL's memory; `horizon_opd/student_memory.py`). An
             approximation: a slot's memory was written by the weights of up to ceil(L / chunk) - 1 steps ago (logged
             as `rolling/memory_age_mean` and `_max`). Needs `rolling_student_cache` (the loss reads the same keys and
-            values) and generation with transformers (not vLLM). Not checkpointed: a resumed run re-encodes each
-            context once.
+            values). On the colocated vLLM engine the memory is the engine's prefix cache, kept across weight syncs
+            (TRL resets it at each), so a slot's context blocks serve its next chunk. Not checkpointed: a resumed run
+            re-encodes each context once.
+
+        rolling_context_grad (`bool`, *optional*, defaults to `False`):
+            With `horizon="rolling"`, the student's loss forward runs each chunk's context with grad, as OPD's forward
+            runs the whole rollout: the chunk's loss then also trains the weights through the context's keys and
+            values (full backprop instead of truncated). It closed rolling's gap to OPD on the mismatch task
+            (docs/results.md, "What rolling's gap is made of"), at the student's fwd+bwd over context + chunk
+            instead of chunk + 1 per slot. Not with `rolling_student_memory` (the context is encoded again anyway).
 
         rolling_memory_refresh_every (`int` or `None`, *optional*, defaults to `None`):
             With `rolling_student_memory`, re-encode a slot's context under the current weights once its oldest kept
-            position is this many steps old (1: every step, exact rolling). `None`: never; a slot's memory ends with
-            its rollout.
+            position is this many steps old (1: every step, exact rolling); on vLLM, reset the engine's prefix cache
+            every this many steps. `None`: never; a slot's memory ends with its rollout.
 
         > Parameters that control the loss
 
@@ -184,6 +192,10 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
     rolling_student_memory: bool = field(
         default=False,
         metadata={"help": "Rolling rollouts: keep each slot's student keys and values across steps (approximate)."},
+    )
+    rolling_context_grad: bool = field(
+        default=False,
+        metadata={"help": "Rolling rollouts: the loss backpropagates through each chunk's context too."},
     )
     rolling_memory_refresh_every: int | None = field(
         default=None,
@@ -319,18 +331,24 @@ class HorizonOPDConfig(DistillationConfig, HorizonSettings):
         if k is not None and not self.rolling_student_memory:
             raise ValueError(f"rolling_memory_refresh_every={k} without rolling_student_memory: there is no memory to "
                              f"refresh. Set rolling_student_memory=True, or drop rolling_memory_refresh_every.")
+        if self.rolling_context_grad and self.horizon != "rolling":
+            raise ValueError(f"rolling_context_grad=True with horizon={self.horizon!r}: only a rolled chunk has a "
+                             f"context encoded without grad. Use horizon='rolling', or drop rolling_context_grad.")
         if not self.rolling_student_memory:
             return
+        if self.rolling_context_grad:
+            raise ValueError("rolling_student_memory=True with rolling_context_grad=True: the loss re-encodes every "
+                             "context with grad, so the memory would save nothing. Choose one of the two.")
         if self.horizon != "rolling":
             raise ValueError(f"rolling_student_memory=True with horizon={self.horizon!r}: only rolling rollouts carry "
                              f"contexts across steps. Use horizon='rolling', or drop rolling_student_memory.")
         if not self.rolling_student_cache:
             raise ValueError("rolling_student_memory=True with rolling_student_cache=False: the loss reads the memory "
                              "through the student cache. Set rolling_student_cache=True.")
-        if self.use_vllm:
-            raise ValueError("rolling_student_memory=True with use_vllm=True: vLLM keeps its own cache, which TRL "
-                             "resets at every weight sync, so there is no memory to keep. Generate with transformers "
-                             "(use_vllm=False), or drop rolling_student_memory.")
+        if self.use_vllm and self.vllm_mode != "colocate":
+            raise ValueError(f"rolling_student_memory=True with vllm_mode={self.vllm_mode!r}: the memory keeps the "
+                             f"colocated engine's prefix cache across weight syncs; a server's is not kept. Use "
+                             f"vllm_mode='colocate', or drop rolling_student_memory.")
 
     def _check_remote_teacher(self) -> None:
         for name, low in (("loss_top_k", 1), ("teacher_server_max_retries", 0), ("teacher_server_chunk_size", 0)):

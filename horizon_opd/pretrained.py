@@ -183,7 +183,8 @@ def heldout_reverse_kl(student, teacher, tokenizer, prompts, max_new_tokens: int
     averaged over every generated token (up to and including EOS), in float32. Rollouts are sampled from the
     student's plain distribution (no top-k/top-p), seeded, so the same model gives the same number.
     `prompts` are strings or conversations (lists of messages, formatted with the chat template).
-    Returns `{"reverse_kl", "tokens", "mean_length", "finished_ratio"}`.
+    Returns `{"reverse_kl", "reverse_kl_se", "tokens", "mean_length", "finished_ratio"}`: `reverse_kl_se` is its
+    standard error over prompts (`ratio_standard_error`), the spread another draw of as many prompts would show.
     """
     from transformers import GenerationConfig
 
@@ -197,7 +198,7 @@ def heldout_reverse_kl(student, teacher, tokenizer, prompts, max_new_tokens: int
     was_training = student.training
     student.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    kl_sum, tokens, finished = 0.0, 0, 0
+    kl_sums, token_counts, finished = [], [], 0  # per prompt
     try:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -222,11 +223,27 @@ def heldout_reverse_kl(student, teacher, tokenizer, prompts, max_new_tokens: int
             s_logp = torch.log_softmax(s_logits[:, predict, :vocab].float() / temperature, dim=-1)  # (B, T, V)
             t_logp = torch.log_softmax(t_logits[:, predict, :vocab].float() / temperature, dim=-1)
             kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # (B, T)
-            kl_sum += float((kl * completion_mask).sum())
-            tokens += int(completion_mask.sum())
+            kl_sums += (kl * completion_mask).sum(1).tolist()
+            token_counts += completion_mask.sum(1).tolist()
     finally:
         tokenizer.padding_side = side
         torch.random.set_rng_state(generator_state)
         student.train(was_training)
-    return {"reverse_kl": kl_sum / max(tokens, 1), "tokens": tokens, "mean_length": tokens / max(len(texts), 1),
-            "finished_ratio": finished / max(len(texts), 1)}
+    tokens = int(sum(token_counts))
+    return {"reverse_kl": sum(kl_sums) / max(tokens, 1), "reverse_kl_se": ratio_standard_error(kl_sums, token_counts),
+            "tokens": tokens, "mean_length": tokens / max(len(texts), 1), "finished_ratio": finished / max(len(texts), 1)}
+
+
+def ratio_standard_error(sums: list[float], counts: list[float]) -> float | None:
+    """The standard error over prompts of a per-token mean R = sum(sums) / sum(counts), prompt i contributing
+    `sums[i]` over `counts[i]` tokens (the ratio estimator's linearisation):
+
+        se(R) = sqrt( sum_i (sums[i] - R counts[i])^2 / (m (m - 1)) ) / mean(counts),   m prompts
+
+    None with fewer than two prompts or no tokens."""
+    m, total = len(sums), sum(counts)
+    if m < 2 or total == 0:
+        return None
+    ratio, mean_count = sum(sums) / total, total / m
+    residual = sum((s - ratio * c) ** 2 for s, c in zip(sums, counts, strict=True))
+    return (residual / (m * (m - 1))) ** 0.5 / mean_count

@@ -58,13 +58,14 @@ class Rolling:
                 warnings.warn(f"rolling_student_cache is off: {self.student_cache_problem}. The loss re-encodes each "
                               f"context without grad instead (exact; more student tokens). Set "
                               f"rolling_student_cache=False to silence this.", stacklevel=3)
-        self.student_cache = args.rolling_student_cache and not use_vllm and self.student_cache_problem is None
+        self.student_cache = args.rolling_student_cache and not use_vllm and self.student_cache_problem is None \
+            and not args.rolling_context_grad  # with grad, the loss encodes the context itself
         self._generation = None  # (step, generate's KV cache of the step's contexts, their padded width)
         # the student's keys and values per slot across steps (rolling_student_memory): it feeds the student cache
         self.memory = None
         if args.rolling_student_memory and self.student_cache:
             self.memory = StudentMemory(student.config, self.pool.max_tokens, args.rolling_memory_refresh_every)
-        elif args.rolling_student_memory:
+        elif args.rolling_student_memory and not use_vllm:  # on vLLM the engine's prefix cache is the memory
             warnings.warn(f"rolling_student_memory is off: the loss cannot read generation's keys and values "
                           f"({self.student_cache_problem}). Each context is re-encoded every step.", stacklevel=3)
         self._contexts = None  # the step's contexts as generation read them (the memory's next positions follow them)

@@ -96,6 +96,9 @@ class HorizonOPDTrainer(DistillationTrainer):
         register_student_head_for_zero3(self)  # both losses read the student's lm_head weight directly
         if self.use_vllm and self.vllm_mode == "colocate":  # the context tokens its prefix cache spared
             vllm_compat.count_prefix_cache_hits(self.vllm_generation.llm, self._count_prefix_cache_hits)
+            if args.rolling_student_memory:  # the engine's memory of each context: its prefix cache, kept
+                vllm_compat.keep_prefix_cache(self.vllm_generation.llm, args.rolling_memory_refresh_every,
+                                              lambda: self.state.global_step)
         self.teachers: list[Teacher] = [attach(self, name, kind, loaded[name]) for name, (kind, _) in plan.items()]
         # the run's names of its teachers, in the order of the batch's `teacher_index` (None: one teacher, no column)
         self.teacher_names: list[str] | None = [t.name for t in self.teachers] if routed else None
@@ -344,8 +347,9 @@ class HorizonOPDTrainer(DistillationTrainer):
     def _student_hidden_state(self, unwrapped_student, inputs, input_ids, attention_mask, num_positions,
                               multimodal_inputs):
         """The student's last hidden states (B, K, H_s) at the completion positions; a rolled chunk's context runs
-        without grad (`kv_cache.rolled_hidden_state`), from this step's generation cache when there is one."""
-        if inputs.get("completion_offsets") is not None and self.model.training:
+        without grad (`kv_cache.rolled_hidden_state`), from this step's generation cache when there is one, unless
+        `rolling_context_grad` (one forward with grad over context and chunk)."""
+        if inputs.get("completion_offsets") is not None and self.model.training and not self.args.rolling_context_grad:
             hidden = kv_cache.rolled_hidden_state(
                 unwrapped_student, input_ids, attention_mask, num_positions, self._meters["train"],
                 generation=self.rolling.generation(self.state.global_step) if self.rolling else None,

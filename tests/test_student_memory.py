@@ -142,7 +142,7 @@ def test_a_resumed_memory_is_re_encoded_once(tmp_path, student, teacher, tokeniz
 @pytest.mark.parametrize("overrides, message", [
     (dict(horizon="truncated"), r"rolling_student_memory=True with horizon='truncated'"),
     (dict(rolling_student_cache=False), r"rolling_student_cache=False.*Set rolling_student_cache=True"),
-    (dict(use_vllm=True), r"use_vllm=True.*use_vllm=False"),
+    (dict(use_vllm=True, vllm_mode="server"), r"vllm_mode='server'.*vllm_mode='colocate'"),
     (dict(rolling_memory_refresh_every=0), r"rolling_memory_refresh_every=0 must be an integer >= 1"),
     (dict(rolling_student_memory=False, rolling_memory_refresh_every=2), r"without rolling_student_memory"),
 ])

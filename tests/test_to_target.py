@@ -1,6 +1,9 @@
 """Cost to a target on hand-made curves: interpolation, a curve that crosses and comes back, never reached, reached at
 step 0, lower-is-better metrics, seeds averaged, ratios and GPU pricing."""
 
+import os
+import sys
+
 import pytest
 
 from horizon_opd.to_target import cost_to_target, first_reach, mean_curve, to_target_table, value_at
@@ -82,3 +85,24 @@ def test_cost_to_target_lower_is_better_with_explicit_target_and_refusals():
     assert rows["opd"]["steps"] == pytest.approx(7.5) and rows["rolling"]["steps"] == pytest.approx(10 + 10 / 3)
     with pytest.raises(ValueError, match="reference='full'"):
         cost_to_target(runs, "kl", False, reference="full")
+
+
+# ----------------------------------------------------------------------------------------------- rolling's gap
+def test_the_gap_table_averages_the_late_evaluations_then_the_seeds():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import rolling_gap  # torch-free
+
+    def run(name, seed, values):
+        return {"name": name, "seed": seed, "curve": [{"step": 20 * i, "accuracy": v} for i, v in enumerate(values)]}
+
+    runs = {"base": [run("base", 0, [0.1, 0.5, 0.6, 0.8]), run("base", 1, [0.1, 0.5, 0.4, 0.6])],
+            "fix": [run("fix", 0, [0.1, 0.9, 0.9, 0.7]), run("fix", 1, [0.1, 0.9, 1.0, 0.9])]}
+    rows = {r["method"]: r for r in rolling_gap.gap_rows(runs, "accuracy", 40, "base")}
+    # late means (steps 40, 60): base 0.7 and 0.5, fix 0.8 and 0.95
+    assert rows["base"]["late"] == pytest.approx((0.6, 0.1))
+    assert rows["fix"]["late"] == pytest.approx((0.875, 0.075))
+    assert rows["fix"]["final"] == pytest.approx((0.8, 0.1))
+    assert rows["fix"]["late_vs_baseline"] == pytest.approx((0.275, 0.125))
+    assert "late_vs_baseline" not in rows["base"]
+    with pytest.raises(ValueError, match="--baseline 'nope'"):
+        rolling_gap.gap_rows(runs, "accuracy", 40, "nope")

@@ -193,6 +193,22 @@ def test_prefix_cache_count_is_the_engines(tmp_path, student_dir, tokenizer, pro
     assert 0 < cached < len(context)  # whole blocks of the context, not its last token
 
 
+def test_the_student_memory_keeps_the_engines_prefix_cache_across_syncs(tmp_path, student_dir, tokenizer, prompts):
+    """rolling_student_memory on the engine: TRL's reset after each weight sync is skipped (every second step with
+    rolling_memory_refresh_every=2), so a continuing slot's context blocks are served from the cache."""
+    # a block is 128 tokens on the CPU backend: each prompt fills one (the char tokenizer: one token per character)
+    long_prompts = Dataset.from_dict({"prompt": [f"{i} + {i + 1} = " * 16 for i in range(16)]})
+    cached = {}
+    for name, memory in (("exact", {}), ("kept", {"rolling_student_memory": True}),
+                         ("refresh", {"rolling_student_memory": True, "rolling_memory_refresh_every": 2})):
+        trainer = build(tmp_path / name, student_dir, tokenizer, long_prompts, horizon="rolling",
+                        truncation_ratio=0.25, max_steps=6, vllm_max_model_length=512, **memory)
+        trainer.train()
+        cached[name] = (trainer.cost.prefill_cached_tokens, trainer.cost.prefill_tokens)
+    assert cached["exact"][0] < cached["kept"][0] < cached["kept"][1]  # whole blocks of the contexts, not all
+    assert cached["exact"][0] < cached["refresh"][0] < cached["kept"][0]
+
+
 @pytest.mark.parametrize("horizon", ["progressive", "rolling"])
 def test_resume_from_checkpoint(tmp_path, student_dir, tokenizer, prompts, horizon):
     settings = POLICY_SETTINGS.get(horizon, {"horizon": "rolling", "truncation_ratio": 0.25})

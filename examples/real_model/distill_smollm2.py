@@ -74,7 +74,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 
 from horizon_opd import HorizonOPDConfig, HorizonOPDTrainer
-from horizon_opd.demo.compare import Method, cost_record, mean_std, plot_cost_curves
+from horizon_opd.demo.compare import Method, cost_record, mean_std, plot_cost_curves, with_modifiers
 from horizon_opd.demo.measure import PeakRSS, machine_description, machine_info
 from horizon_opd.pretrained import heldout_reverse_kl, load_teacher, prune_layers
 
@@ -105,15 +105,35 @@ METHODS = {
 DECODE_BUDGETS = ("topd0.1", "rolling0.1")
 
 
+def resolve(key: str) -> Method:
+    """The method a `--methods` name stands for: a METHODS key, and for a rolling one the modifiers of
+    `horizon_opd.demo.compare` after `+` (`rolling-wide0.1+memory`, `rolling0.1+grad`, ...)."""
+    base = key.split("+")[0]
+    if base not in METHODS:
+        raise ValueError(f"unknown method {key!r}: one of {', '.join(METHODS)}, a rolling one possibly with "
+                         f"modifiers (+memory, +memory+refresh<k>, +resample, +grad)")
+    label, fields = METHODS[base]
+    return with_modifiers(Method(label, {k: v for k, v in fields.items() if k != BATCH_RATIO},
+                                 batch_ratio=fields.get(BATCH_RATIO)), key)
+
+
 def config_fields(key: str) -> dict:
-    """The HorizonOPDConfig fields of a method (its METHODS entry without `batch_ratio`)."""
-    return {k: v for k, v in METHODS[key][1].items() if k != BATCH_RATIO}
+    """The HorizonOPDConfig fields of a method (its METHODS entry without `batch_ratio`, with its modifiers')."""
+    return dict(resolve(key).horizon)
 
 
 def method_batch_size(key: str, batch_size: int) -> int:
     """Prompts per step for a method when the comparison's B is `batch_size` (ceil(0.1 x 4) = 1 for opd-matched0.1)."""
-    label, fields = METHODS[key]
-    return Method(label, config_fields(key), batch_ratio=fields.get(BATCH_RATIO)).batch_size(batch_size)
+    return resolve(key).batch_size(batch_size)
+
+
+def method_key(key: str) -> str:
+    """`--methods`' type: a name `resolve` knows."""
+    try:
+        resolve(key)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return key
 
 
 # ---- built-in prompts: 40 for training, 16 held out (8 of them arithmetic with an exact answer) --------------------
@@ -243,8 +263,9 @@ class QualityCallback(TrainerCallback):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-                   help=f"the method to train, one of: {', '.join(METHODS)}. Several are trained one after another, "
+    p.add_argument("--methods", nargs="+", type=method_key, metavar="METHOD",
+                   help=f"the method to train, one of: {', '.join(METHODS)}, a rolling one possibly with modifiers "
+                        f"(rolling-wide0.1+memory, rolling0.1+grad, ...). Several are trained one after another, "
                         f"each writing its own runs/<method>_seed<S>.json, but the peak memory is only comparable "
                         f"with one method per process (run_all.sh)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the file is runs/<method>_seed<S>.json)")
@@ -321,7 +342,9 @@ def main(argv=None) -> dict:
 
     def evaluate(model) -> dict:
         kl = heldout_reverse_kl(model, teacher, tokenizer, heldout, max_len, seed=args.eval_seed)
-        return {"heldout_kl": round(kl["reverse_kl"], 4), "heldout_mean_length": kl["mean_length"],
+        se = kl["reverse_kl_se"]
+        return {"heldout_kl": round(kl["reverse_kl"], 4), "heldout_kl_se": None if se is None else round(se, 4),
+                "heldout_mean_length": kl["mean_length"],
                 "heldout_finished_ratio": kl["finished_ratio"],
                 "arithmetic_accuracy": arithmetic_accuracy(model, tokenizer, heldout_arith)}
 
@@ -355,8 +378,8 @@ def main(argv=None) -> dict:
 def train_one(key: str, seed: int, student, teacher, tokenizer, train_dataset, evaluate, settings: dict, *,
               before: dict, teacher_accuracy: float, scratch: str) -> dict:
     """Distill a copy of `student` with one method and seed; returns the record for runs/<key>_seed<seed>.json."""
-    label = METHODS[key][0]
-    horizon = config_fields(key)
+    method = resolve(key)
+    label, horizon = method.name, dict(method.horizon)
     batch_size = method_batch_size(key, settings["batch_size"])
     steps = settings["steps"]
     print(f"{label}, seed {seed}: {steps} steps x {batch_size} prompts, L = {settings['max_completion_length']}",
@@ -371,8 +394,9 @@ def train_one(key: str, seed: int, student, teacher, tokenizer, train_dataset, e
     )
     callback = QualityCallback(evaluate, settings["eval_every"], initial=before, stop_at_kl=settings.get("stop_at_kl"))
     # Every method trains its own copy, so every method starts from the same pruned student.
-    trainer = HorizonOPDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=config,
-                                train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback])
+    trainer = (method.trainer_class or HorizonOPDTrainer)(
+        model=copy.deepcopy(student), teacher_model=teacher, args=config, train_dataset=train_dataset,
+        processing_class=tokenizer, callbacks=[callback])
     callback.costs = trainer.cost.state_dict  # each point of the curve carries the costs so far
     trainer.remove_callback(PrinterCallback)
     trainer.train()

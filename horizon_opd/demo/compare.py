@@ -42,9 +42,9 @@ WIDE_INFIX = "-wide"
 
 
 # Modifiers a rolling method's name may end with, each after a `+` (`rolling-wide0.1+memory`): `memory`, the student's
-# keys and values kept across steps (`rolling_student_memory`), `refresh<k>` with it every k steps; and the two
-# diagnostics of rolling's gap to OPD (`demo/rolling_gap.py`, not user options): `resample`, each step's contexts
-# resampled from the current student, and `grad`, the context's forward with grad.
+# keys and values kept across steps (`rolling_student_memory`), `refresh<k>` with it every k steps; `grad`, the
+# context's forward with grad (`rolling_context_grad`); and `resample`, a diagnostic of rolling's gap to OPD, not a
+# user option (`demo/rolling_gap.py`): each step's contexts resampled from the current student.
 MODIFIERS = ("memory", "refresh<k>", "resample", "grad")
 
 
@@ -73,8 +73,12 @@ def method(name: str) -> Method:
     """The method a command-line name stands for (`opd`, `opd-matched0.1`, `topd0.1`, `popd`, `popd-stages`,
     `anchored`, `adaptive`, `rolling`, `rolling-wide0.1+memory`, ...), labelled by its policy. Raises ValueError naming
     the accepted names."""
-    base, *modifiers = name.split("+")
-    chosen = _method(base)
+    return with_modifiers(_method(name.split("+")[0]), name)
+
+
+def with_modifiers(chosen: Method, name: str) -> Method:
+    """`chosen` (the method `name` names before its first `+`) with `name`'s modifiers (`MODIFIERS`) applied."""
+    modifiers = name.split("+")[1:]
     if modifiers and chosen.horizon.get("horizon") != "rolling":
         raise ValueError(f"{name!r}: the modifiers {MODIFIERS} apply to rolling methods only (rolling0.1+memory, "
                          f"rolling-wide0.1+grad, ...)")
@@ -84,7 +88,7 @@ def method(name: str) -> Method:
 
 
 def _modified(chosen: Method, modifier: str, name: str) -> Method:
-    from .rolling_gap import ContextGradTrainer, ResampledContextTrainer  # diagnostics: imported only when asked
+    from .rolling_gap import ResampledContextTrainer  # a diagnostic: imported only when asked
 
     if modifier == "memory":
         return Method(f"{chosen.name} memory", {**chosen.horizon, "rolling_student_memory": True}, chosen.batch_ratio,
@@ -94,13 +98,15 @@ def _modified(chosen: Method, modifier: str, name: str) -> Method:
         k = int(modifier[len("refresh"):])
         return Method(f"{chosen.name} refresh {k}", {**chosen.horizon, "rolling_memory_refresh_every": k},
                       chosen.batch_ratio, chosen.trainer_class)
-    diagnostics = {"resample": ("resampled contexts", ResampledContextTrainer),
-                   "grad": ("context with grad", ContextGradTrainer)}
-    if modifier in diagnostics and chosen.trainer_class is None:
-        label, trainer_class = diagnostics[modifier]
-        return Method(f"{chosen.name} {label}", dict(chosen.horizon), chosen.batch_ratio, trainer_class)
+    if modifier == "grad" and not chosen.horizon.get("rolling_student_memory") and chosen.trainer_class is None:
+        return Method(f"{chosen.name} context with grad", {**chosen.horizon, "rolling_context_grad": True},
+                      chosen.batch_ratio)
+    if modifier == "resample" and chosen.trainer_class is None and not chosen.horizon.get("rolling_context_grad"):
+        return Method(f"{chosen.name} resampled contexts", dict(chosen.horizon), chosen.batch_ratio,
+                      ResampledContextTrainer)
     raise ValueError(f"{name!r}: unknown or misplaced modifier {modifier!r}; a rolling method takes +memory (then "
-                     f"+refresh<k>, e.g. +memory+refresh2), or one diagnostic, +resample or +grad.")
+                     f"+refresh<k>, e.g. +memory+refresh2), or +grad (rolling_context_grad), or the diagnostic "
+                     f"+resample.")
 
 
 def _method(name: str) -> Method:

@@ -6,26 +6,13 @@ A rolled chunk differs from the same positions of an OPD rollout in two ways, an
   (as many tokens as it held, EOS suppressed, as a rollout still in flight has none) before its chunk is generated
   and trained: on-policy contexts at rolling's depth mix, paying the decode of the whole context again.
 - **truncated backprop**: the context is encoded without grad, so the loss trains the weights only through the
-  chunk's own positions. `ContextGradTrainer` runs the student's forward over context and chunk with grad, as OPD's
-  does over the whole rollout: the chunk's loss then also trains the weights that encoded the context.
+  chunk's own positions. That one became an option once it closed the gap (`rolling_context_grad`, `+grad`).
 
 `horizon-opd` and `python -m horizon_opd.demo.mismatch` run them as `<rolling method>+resample` and `+grad`
 (`compare.method`), beside the rolling method and OPD, at the same steps.
 """
 
 from ..trainer import HorizonOPDTrainer
-
-
-class ContextGradTrainer(HorizonOPDTrainer):
-    """Rolling with the student's context forward run with grad (no truncated backprop)."""
-
-    def _student_hidden_state(self, unwrapped_student, inputs, input_ids, attention_mask, num_positions,
-                              multimodal_inputs):
-        if inputs.get("completion_offsets") is None or not self.model.training:
-            return super()._student_hidden_state(unwrapped_student, inputs, input_ids, attention_mask, num_positions,
-                                                 multimodal_inputs)
-        self._meter().count("student_grad_tokens", attention_mask.sum())
-        return self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, num_positions)
 
 
 class ResampledContextTrainer(HorizonOPDTrainer):
