@@ -246,13 +246,18 @@ def test_script_methods_are_valid_configs_and_the_matched_baseline_trains_on_few
     assert module.method_batch_size("opd-matched0.1", 16) == 2
     assert module.config_fields("topd-n100") == {"horizon": "full", "rollout_max_tokens": 100}
     assert module.config_fields("rolling0.1") == {"horizon": "rolling", "truncation_ratio": 0.1}
+    assert module.config_fields("rolling-wide0.1+memory") == {"horizon": "rolling", "truncation_ratio": 0.1,
+                                                              "rolling_student_memory": True}
+    assert module.method_batch_size("rolling-wide0.1+grad", 4) == 40
+    assert module.resolve("rolling0.1+grad").name == "Rolling rho=0.1 context with grad"
 
 
 @pytest.mark.parametrize("argv, message", [
     ([], "give the method to train"),
     (["--merge", "--methods", "opd"], "--merge trains nothing"),
     (["--methods", "opd", "opd"], "names a method twice"),
-    (["--methods", "topd0.3"], "invalid choice"),
+    (["--methods", "topd0.3"], "unknown method 'topd0.3'"),
+    (["--methods", "topd0.1+memory"], "apply to rolling methods only"),
 ])
 def test_script_cli_refuses(argv, message, capsys):
     module = _load_script()
