@@ -153,6 +153,26 @@ INSTRUCTIONS = [
 ]
 
 
+# More held-out instructions for `--heldout-size` above 16 (a precise held-out estimate: 64 prompts give half the
+# standard error of 16), made from templates over topics no training prompt uses; the first 16 held-out prompts are
+# the same at every size, so runs with more prompts stay comparable on those.
+HELDOUT_TEMPLATES = ("Write a haiku about {}.", "Explain what {} is in two sentences.", "Give two facts about {}.",
+                     "Describe {} to a child.")
+HELDOUT_TOPICS = ("the desert", "a volcano", "electricity", "a library", "the wind", "a river", "friendship",
+                  "a lighthouse", "the stars", "a forest", "music", "winter", "a train", "an island", "a garden",
+                  "the ocean floor", "a rainbow", "a clock", "snow", "a castle")
+
+
+def heldout_instructions(n: int) -> list[str]:
+    """The first `n` held-out instructions: the 8 hand-written ones, then the templates over the topics."""
+    made = [template.format(topic) for topic in HELDOUT_TOPICS for template in HELDOUT_TEMPLATES]
+    instructions = INSTRUCTIONS[24:] + made
+    if n > len(instructions):
+        raise ValueError(f"{n} held-out instructions asked for; {len(instructions)} exist (--heldout-size at most "
+                         f"{2 * len(instructions)})")
+    return instructions[:n]
+
+
 def arithmetic(n: int, seed: int) -> list[tuple[str, int]]:
     rng = random.Random(seed)
     items = []
@@ -167,7 +187,7 @@ def build_prompts(heldout_size: int) -> tuple[Dataset, list, list[tuple[list, in
     chat = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     train = [chat(t) for t in INSTRUCTIONS[:24]] + [chat(q) for q, _ in arithmetic(16, seed=1)]
     held_arith = [(chat(q), a) for q, a in arithmetic(heldout_size // 2, seed=2)]
-    held = [chat(t) for t in INSTRUCTIONS[24:24 + heldout_size - len(held_arith)]] + [c for c, _ in held_arith]
+    held = [chat(t) for t in heldout_instructions(heldout_size - len(held_arith))] + [c for c, _ in held_arith]
     return Dataset.from_dict({"prompt": train}), held, held_arith
 
 
@@ -282,7 +302,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the held-out evaluation's sampled rollouts, the "
                                                             "same for every run (so every file's before-training "
                                                             "numbers are equal)")
-    p.add_argument("--heldout-size", type=int, default=None, help="held-out prompts (default 16; quick 4)")
+    p.add_argument("--heldout-size", type=int, default=None, help="held-out prompts (default 16; quick 4; up to "
+                                                                  "176: each evaluation reports its standard error "
+                                                                  "over prompts)")
     p.add_argument("--stop-at-kl", type=float, default=None,
                    help="a run to a target: end at the first evaluation whose held-out KL is at or below this "
                         "(--steps caps it)")
