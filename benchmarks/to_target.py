@@ -33,13 +33,16 @@ TASKS = {
     "main job": (["examples/demo_results/results.json"], "accuracy", True,
                  "the default `horizon-opd` job (60 steps x 32 prompts, L = 104, lr 1e-3)"),
     "mismatch m = 1, lr 1e-3": (["examples/mismatch_results/m1_lr1e-3/results.json",
-                                 "examples/mismatch_results/m1_lr1e-3_wide/results.json"], "accuracy", True,
-                                "the mismatch task at m = 1, lr 1e-3"),
+                                 "examples/mismatch_results/m1_lr1e-3_wide/results.json",
+                                 "examples/mismatch_results/m1_lr1e-3_gap/results.json",
+                                 "examples/mismatch_results/m1_lr1e-3_gap_seeds345/results.json"], "accuracy", True,
+                                "the mismatch task at m = 1, lr 1e-3 (the gap files add seeds 3-5 of OPD and the "
+                                "rolling rows: the student memory, the context with grad, resampled contexts)"),
     "SmolLM2 L = 256": (["examples/real_model/results.json"], "heldout_kl", False,
                         "SmolLM2-135M-Instruct, a third of its layers pruned, distilled from the unpruned model "
                         "(examples/real_model/README.md; held-out KL on 16 prompts, 20 steps x 4 prompts)"),
     "SmolLM2 L = 256, run to OPD's final KL": (
-        ["examples/real_model/runs/opd_seed*.json", "examples/real_model/long/runs/*.json"], "heldout_kl", False,
+        ["examples/real_model/runs/opd_seed[01].json", "examples/real_model/long/runs/*.json"], "heldout_kl", False,
         "the same pair; OPD's 20-step runs set the target, the other methods run until their held-out KL reaches "
         "OPD's final mean (0.6875) or 80 steps (`--stop-at-kl 0.6875 --steps 80`, seed 0)"),
 }

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"and opd-matched<rho>: OPD on ceil(rho x batch) prompts per step, a truncated method's tokens "
                         f"per update (the baseline that tells the horizon from the update size), and "
                         f"rolling-wide<rho> / topd-wide<rho>: the method on ceil(batch / rho) prompts per step, OPD's "
-                        f"tokens per update; "
-                        f"default: {' '.join(DEFAULT_METHOD_NAMES)}")
+                        f"tokens per update; a rolling method may end with +memory (rolling_student_memory, then "
+                        f"+refresh<k>), +grad (rolling_context_grad) or the diagnostic +resample, e.g. "
+                        f"rolling-wide0.1+memory; default: {' '.join(DEFAULT_METHOD_NAMES)}")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method (default: 60; "
                                                                      "quick: 8)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="prompts per step (default: 32; quick: 8)")

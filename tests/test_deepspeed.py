@@ -168,6 +168,32 @@ def test_zero3_two_teachers_route_rolling_rollouts_and_resume(assets, tokenizer)
 
 
 @pytest.mark.slow
+def test_zero3_rolling_caches_agree_with_reencoding_per_row(assets):
+    """Under ZeRO-3 (2 ranks), both rolling caches on (the teacher's kept across steps, the student's read from
+    generation) against both off: the same rollouts, each row's loss equal to 1e-5, the same gradient norms; and the
+    student memory trains there, encoding fewer context tokens."""
+    args = dict(horizon="rolling", truncation_ratio=0.25, max_steps=4, gradient_accumulation_steps=2)
+    runs = launch_training(assets, "zero3_caches", "zero3", "student", "teacher", args=args, record_per_row=True,
+                           runs=[{"name": "cached"},
+                                 {"name": "uncached",
+                                  "args": {"rolling_teacher_cache": False, "rolling_student_cache": False}},
+                                 {"name": "memory", "args": {"rolling_student_memory": True}}])
+    for memory, cached in zip(runs["memory"], runs["cached"], strict=True):  # the student memory trains under ZeRO-3
+        assert memory["global_step"] == 4 and max(logged_in(memory, "rolling/memory_age_max")) >= 1
+        assert memory["ledger"]["prefill_tokens"] < cached["ledger"]["prefill_tokens"]
+    for cached, uncached in zip(runs["cached"], runs["uncached"], strict=True):
+        assert cached["zero_stage"] == 3
+        assert cached["ledger"]["teacher_tokens"] < uncached["ledger"]["teacher_tokens"]  # the caches were used
+        assert cached["ledger"]["student_nograd_tokens"] == 0 < uncached["ledger"]["student_nograd_tokens"]
+        assert [g["completion_ids"] for g in cached["generations"]] == \
+            [g["completion_ids"] for g in uncached["generations"]]
+        assert len(cached["per_row"]) == len(uncached["per_row"]) == 4 * 2
+        for a, b in zip(cached["per_row"], uncached["per_row"], strict=True):
+            assert a == pytest.approx(b, abs=1e-5, rel=1e-4)
+        assert logged_in(cached, "grad_norm") == pytest.approx(logged_in(uncached, "grad_norm"), rel=1e-4)
+
+
+@pytest.mark.slow
 def test_zero3_truncated_trains_a_student_with_a_padded_vocabulary(assets, tokenizer):
     """A padded student head is gathered, sliced and copied per micro-batch; its gradient must still reach the
     ZeRO-3 partitioned parameter: the shared rows train, the padding rows (no gradient) stay as they were."""

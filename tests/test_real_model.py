@@ -232,6 +232,19 @@ def _load_script():
     return module
 
 
+def test_the_held_out_set_grows_without_changing_its_first_prompts():
+    module = _load_script()
+    train, sixteen, _ = module.build_prompts(16)
+    _, sixty_four, arithmetic = module.build_prompts(64)
+    assert len(sixteen) == 16 and len(sixty_four) == 64 and len(arithmetic) == 32
+    texts = lambda conversations: [c[0]["content"] for c in conversations]  # noqa: E731
+    assert set(texts(sixteen)) <= set(texts(sixty_four))  # the 16-prompt runs stay comparable on those
+    assert len(set(texts(sixty_four)[:32])) == 32  # 32 distinct instructions
+    assert not set(texts(sixty_four)[:32]) & set(texts(train["prompt"]))
+    with pytest.raises(ValueError, match="held-out instructions"):
+        module.build_prompts(400)
+
+
 def test_script_methods_are_valid_configs_and_the_matched_baseline_trains_on_fewer_prompts(tmp_path):
     from horizon_opd import HorizonOPDConfig
 

@@ -114,6 +114,15 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
         return batch
 
     trainer._generate_and_score_completions = recording
+    per_row = []  # each micro-batch's per-row loss (the per-token KL summed over each row's completion)
+    if settings.get("record_per_row"):
+        observe = trainer.book.meters["train"].add_tokens
+
+        def recording_rows(per_token, mask, *args, **kwargs):
+            per_row.append((per_token.detach() * mask).sum(-1).tolist())
+            return observe(per_token, mask, *args, **kwargs)
+
+        trainer.book.meters["train"].add_tokens = recording_rows
     record = settings.get("record_weights")
     if record:
         student_before, teacher_before = _full_values(trainer.model), _full_values(first_teacher)
@@ -130,6 +139,7 @@ def train_once(settings: dict, tokenizer, dataset) -> None:
         policy_decisions=[d["ratio"] for d in getattr(trainer.horizon_policy, "decisions", [])],
         teacher_head_partitioned=all(hasattr(h, "ds_shape") and h.numel() == 0 for h in teacher_heads),
         ledger=trainer.cost.state_dict(),
+        per_row=per_row,
     )
     if settings.get("report_partitioning"):
         result["partitioning"] = {
