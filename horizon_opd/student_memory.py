@@ -76,11 +76,12 @@ class StudentMemory:
         return ages.float().mean().item(), int(ages.max())
 
     def _serves(self, slot: int, context: list[int], step: int) -> bool:
+        """Whether the slot's memory holds `context` but its last token, and is not due for a refresh (its oldest
+        position, the first, is younger than `refresh_every` steps)."""
         memory = self.slots.get(slot)
         if memory is None or memory.ids != context[:-1]:
             return False
-        fresh = self.refresh_every is None or not memory.ids or step - int(memory.written[0]) < self.refresh_every
-        return fresh
+        return self.refresh_every is None or not memory.ids or step - int(memory.written[0]) < self.refresh_every
 
     @torch.no_grad()
     def cache_for(self, backbone, contexts: list[list[int]], slots: list[int], width: int, step: int,
@@ -90,9 +91,10 @@ class StudentMemory:
 
         A slot whose memory does not hold its context (a new rollout, a resume) or that is due for a refresh is
         encoded first, at its true positions, under the current weights."""
-        stale = [b for b, (slot, context) in enumerate(zip(slots, contexts, strict=True))
-                 if not self._serves(slot, context, step)]
-        encoded = self._encode(backbone, [contexts[b][:-1] for b in stale], [slots[b] for b in stale], step, pad_id)
+        to_encode = [b for b, (slot, context) in enumerate(zip(slots, contexts, strict=True))
+                     if not self._serves(slot, context, step)]
+        encoded = self._encode(backbone, [contexts[b][:-1] for b in to_encode], [slots[b] for b in to_encode], step,
+                               pad_id)
         layers = []
         for layer in range(len(self.slots[slots[0]].keys)):
             keys, values = [], []
