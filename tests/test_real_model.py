@@ -356,6 +356,28 @@ def test_script_refuses_to_mix_settings(tmp_path):
         module.main(["--merge", "--output-dir", str(tmp_path / "empty")])
 
 
+def test_script_runs_to_a_target_may_differ_in_their_step_cap_only(tmp_path, capsys):
+    """With --stop-at-kl, --steps is a per-method cap (8x OPD's steps for rho = 0.1, 2x for the wide methods): runs
+    with other caps merge, each keeping its own; without a target, or with another target, they still refuse."""
+    module = _load_script()
+    runs = tmp_path / "runs"
+    target = {**SETTINGS, "stop_at_kl": 1.5}
+    module.write_json(runs / "opd_seed0.json", _fake_run(module, "opd", 0, [4.0, 2.0, 1.4], [0, 64, 128],
+                                                         {**target, "steps": 4}))
+    long_cap = {**target, "steps": 32}
+    module.check_settings(runs, long_cap, replacing=[])
+    module.write_json(runs / "topd0.1_seed0.json", _fake_run(module, "topd0.1", 0, [4.0, 3.0, 2.5], [0, 4, 8],
+                                                             long_cap))
+    with pytest.raises(SystemExit, match=r"other settings \(stop_at_kl"):
+        module.check_settings(runs, {**long_cap, "stop_at_kl": 1.0}, replacing=[])
+    with pytest.raises(SystemExit, match=r"other settings \(steps, stop_at_kl"):
+        module.check_settings(runs, SETTINGS, replacing=[])
+    results = module.main(["--merge", "--output-dir", str(tmp_path)])
+    assert "steps" not in results["settings"] and results["settings"]["stop_at_kl"] == 1.5
+    assert {r["method"]: r["steps"] for r in results["runs"]} == {"opd": 4, "topd0.1": 32}
+    assert "to held-out KL <= 1.5 or 4-32 steps x 4 prompts" in capsys.readouterr().out
+
+
 def test_script_trains_one_file_per_method_and_seed_on_tiny_models(tmp_path, monkeypatch):
     """The script's training path end to end with a tiny teacher in place of SmolLM2 (2 steps, L = 16): each method
     writes its file with the cost ledger on the curve, peak memory, horizons and the alarm; the merge reads them."""

@@ -461,14 +461,24 @@ def _differing(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def shared_settings(settings: dict) -> dict:
+    """The settings runs must share to be merged. In a run to a target (`--stop-at-kl`), `--steps` is that run's cap,
+    which the issue sets per method (8x OPD's steps for the rho = 0.1 methods, 2x for the wide ones), so it is left
+    out; each run keeps its own cap in its record."""
+    settings = json.loads(json.dumps(settings))
+    if settings.get("stop_at_kl") is not None:
+        settings.pop("steps", None)
+    return settings
+
+
 def check_settings(runs_dir: Path, settings: dict, replacing: list[str]) -> None:
     """Refuse to add a run whose settings differ from the runs already in `runs_dir` (other than those it replaces):
     `--merge` could not combine them. Caught before training, not after."""
-    settings = json.loads(json.dumps(settings))
+    settings = shared_settings(settings)
     for path in sorted(runs_dir.glob("*.json")):
         if path.name in replacing:
             continue
-        other = json.loads(path.read_text()).get("settings", {})
+        other = shared_settings(json.loads(path.read_text()).get("settings", {}))
         if other != settings:
             raise SystemExit(f"{path} was run with other settings ({', '.join(_differing(other, settings))} differ: "
                              f"{ {k: other.get(k) for k in _differing(other, settings)} } there, "
@@ -489,11 +499,11 @@ def load_runs(runs_dir: Path) -> list[dict]:
         raise SystemExit(f"no runs in {runs_dir}: train each (method, seed) first, e.g. `--methods opd --seed 0 "
                          f"--output-dir {runs_dir.parent}`")
     runs = [json.loads(p.read_text()) for p in paths]
-    groups = Counter(json.dumps(r["settings"], sort_keys=True) for r in runs)
+    groups = Counter(json.dumps(shared_settings(r["settings"]), sort_keys=True) for r in runs)
     if len(groups) > 1:
         common = json.loads(groups.most_common(1)[0][0])
-        odd = [f"{p.name} ({', '.join(_differing(r['settings'], common))})" for p, r in zip(paths, runs, strict=True)
-               if r["settings"] != common]
+        odd = [f"{p.name} ({', '.join(_differing(shared_settings(r['settings']), common))})"
+               for p, r in zip(paths, runs, strict=True) if shared_settings(r["settings"]) != common]
         raise SystemExit(f"the runs in {runs_dir} differ in their settings, so they cannot be merged; the ones unlike "
                          f"the most common (and the settings that differ): {'; '.join(odd)}")
     order = {key: i for i, key in enumerate(METHODS)}
@@ -557,19 +567,28 @@ def merge(out: Path) -> dict:
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": runs[0]["machine"],
-        "settings": runs[0]["settings"],
+        "settings": shared_settings(runs[0]["settings"]),
         "seeds": sorted({r["seed"] for r in runs}),
         "before": runs[0]["before"],
         "teacher_arithmetic_accuracy": runs[0]["teacher_arithmetic_accuracy"],
         "decode_budgets": budgets,
         "summary": summarize(runs, budgets),
-        "runs": [{k: v for k, v in r.items() if k != "settings"} for r in runs],
+        "runs": [{**{k: v for k, v in r.items() if k != "settings"}, "steps": r["settings"]["steps"]} for r in runs],
     }
     write_json(out / "results.json", results)
     plot(results, out / "heldout_kl_vs_time.png")
     print(format_table(results))
     print(f"wrote {out / 'results.json'} and {out / 'heldout_kl_vs_time.png'} from {len(runs)} runs")
     return results
+
+
+def _steps_text(results: dict) -> str:
+    """'20 steps', or for runs to a target with per-method caps 'to held-out KL <= 0.6875 or 40-160 steps'."""
+    s = results["settings"]
+    if "steps" in s:
+        return f"{s['steps']} steps"
+    caps = sorted({r["steps"] for r in results["runs"]})
+    return f"to held-out KL <= {s['stop_at_kl']:g} or {caps[0]}{'' if len(caps) == 1 else f'-{caps[-1]}'} steps"
 
 
 def _cell(row: dict, key: str, digits: int) -> str:
@@ -593,7 +612,7 @@ def format_table(results: dict) -> str:
     s, rows = results["settings"], results["summary"]
     device = "GPU" if any(r.get("peak_cuda_mb") is not None for r in results["runs"]) else "CPU"
     gpu_memory = device == "GPU"
-    lines = [f"{s['steps']} steps x {s['batch_size']} prompts, L = {s['max_completion_length']}, lr "
+    lines = [f"{_steps_text(results)} x {s['batch_size']} prompts, L = {s['max_completion_length']}, lr "
              f"{s['learning_rate']:g}, seeds {results['seeds']}; held-out KL before distillation "
              f"{results['before']['heldout_kl']:.3f}; teacher arithmetic accuracy "
              f"{results['teacher_arithmetic_accuracy']:.3f}",
@@ -655,7 +674,7 @@ def plot(results: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     if budget_lines:
         axes[1].legend(handles=budget_lines, fontsize=7, loc="upper right")
-    fig.suptitle(f"SmolLM2-135M-Instruct: {s['teacher_layers']} -> {s['student_layers']} layers, {s['steps']} steps "
+    fig.suptitle(f"SmolLM2-135M-Instruct: {s['teacher_layers']} -> {s['student_layers']} layers, {_steps_text(results)} "
                  f"x {s['batch_size']} prompts, lr {s['learning_rate']:g}, seeds {results['seeds']} (line style)",
                  fontsize=9)
     fig.tight_layout()
