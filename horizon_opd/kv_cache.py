@@ -94,28 +94,57 @@ def student_cache_problem(model, args, deepspeed: bool) -> str | None:
     return None
 
 
-class TeacherSlotCache:
-    """Per slot: the token ids encoded so far and their keys and values, one (kv_heads, T, head_dim) pair per layer."""
+def left_padded_cache(rows: list, length: int, config) -> DynamicCache:
+    """A `DynamicCache` of (B, kv_heads, `length`, head_dim) per layer from each row's own keys and values: `rows[b]`
+    is a list over layers of (keys, values) of shape (kv_heads, T_b, head_dim) with T_b <= `length`, or None for a
+    row with nothing cached; each row is left-padded with zeros (the attention mask hides them), as a left-padded
+    batch is. At least one row must hold something (it gives the shapes)."""
+    template = next(row for row in rows if row is not None)
+    layers = []
+    for layer, (k0, _) in enumerate(template):
+        keys, values = [], []
+        for row in rows:
+            k, v = row[layer] if row is not None else (k0[:, :0], k0[:, :0])
+            pad = k0.new_zeros(k0.size(0), length - k.size(1), k0.size(2))
+            keys.append(torch.cat([pad, k], 1))
+            values.append(torch.cat([pad, v], 1))
+        layers.append((torch.stack(keys), torch.stack(values)))
+    return DynamicCache(ddp_cache_data=layers, config=config)
+
+
+class PerSlot:
+    """What a rolling run keeps per slot across steps (`self.slots[slot]`), forgotten when the slot's rollout ends.
+    A subclass says which tensors an entry holds (`_tensors`), for `nbytes`."""
 
     def __init__(self):
-        self.entries: dict[int, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.slots: dict = {}
 
     def drop(self, slots) -> None:
         """Forget the slots whose rollouts ended (their next rollout starts from another prompt)."""
         for slot in slots:
-            self.entries.pop(int(slot), None)
+            self.slots.pop(int(slot), None)
 
     def clear(self) -> None:
-        self.entries.clear()
+        self.slots.clear()
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for _, layers in self.entries.values() for k, v in layers)
+        return sum(t.numel() * t.element_size() for entry in self.slots.values() for t in self._tensors(entry))
+
+    def _tensors(self, entry) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class TeacherSlotCache(PerSlot):
+    """Per slot: the token ids encoded so far and their keys and values, one (kv_heads, T, head_dim) pair per layer
+    (`self.slots[slot] = (ids, [(keys, values), ...])`)."""
+
+    def _tensors(self, entry) -> list[torch.Tensor]:
+        return [t for pair in entry[1] for t in pair]
 
     def cached_length(self, slot: int, sequence: list[int], num_new: int) -> int:
         """How many leading tokens of `sequence` the slot's entry holds and can serve: its ids must be a prefix of the
         sequence, and stop before the last `num_new` + 1 tokens (whose hidden states the loss reads). 0 otherwise."""
-        entry = self.entries.get(slot)
+        entry = self.slots.get(slot)
         if entry is None:
             return 0
         ids = entry[0]
@@ -144,17 +173,8 @@ class TeacherSlotCache:
             position_ids[b] = t + torch.arange(width_new, device=device)
         cache = DynamicCache(config=config)
         if past > 0:
-            layers = []
-            for layer in range(len(cache.layers)):
-                k0, _ = next(self.entries[s][1][layer] for s, t in zip(slots, cached) if t > 0)
-                keys, values = [], []
-                for slot, t in zip(slots, cached, strict=True):
-                    pad = k0.new_zeros(k0.size(0), past - t, k0.size(2))
-                    k, v = self.entries[slot][1][layer] if t > 0 else (pad[:, :0], pad[:, :0])
-                    keys.append(torch.cat([pad, k], 1))
-                    values.append(torch.cat([pad, v], 1))
-                layers.append((torch.stack(keys), torch.stack(values)))  # (B, kv_heads, past, head_dim)
-            cache = DynamicCache(ddp_cache_data=layers, config=config)
+            cache = left_padded_cache([self.slots[slot][1] if t > 0 else None
+                                       for slot, t in zip(slots, cached, strict=True)], past, config)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                           use_cache=True).last_hidden_state  # (B, width_new, H)
         out = hidden.new_zeros(batch, width, hidden.size(-1))
@@ -166,10 +186,10 @@ class TeacherSlotCache:
                       for layer in cache.layers]
             if t > 0:
                 stored = [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1))
-                          for (k0, v0), (k1, v1) in zip(self.entries[slot][1], stored, strict=True)]
+                          for (k0, v0), (k1, v1) in zip(self.slots[slot][1], stored, strict=True)]
             else:  # copies: a view would keep the whole batch's cache alive
                 stored = [(k.clone(), v.clone()) for k, v in stored]
-            self.entries[slot] = (list(seq[:-1]), stored)
+            self.slots[slot] = (list(seq[:-1]), stored)
         return out, sum(new_lengths)
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .kv_cache import PerSlot, left_padded_cache
+
 
 @dataclass
 class SlotMemory:
@@ -47,25 +49,18 @@ class SlotMemory:
         self.ids += ids
 
 
-class StudentMemory:
-    """Per slot, the student's keys and values of its context but the last token, kept across steps."""
+class StudentMemory(PerSlot):
+    """Per slot, the student's keys and values of its context but the last token, kept across steps
+    (`self.slots[slot]`: a `SlotMemory`)."""
 
     def __init__(self, config, budget: int, refresh_every: int | None = None):
+        super().__init__()
         self.config = config
         self.budget = budget  # a rollout's most tokens: a slot's capacity is its prompt + this
         self.refresh_every = refresh_every
-        self.slots: dict[int, SlotMemory] = {}
 
-    def drop(self, slots) -> None:
-        """Forget the slots whose rollouts ended (their next rollout starts from another prompt)."""
-        for slot in slots:
-            self.slots.pop(int(slot), None)
-
-    def clear(self) -> None:
-        self.slots.clear()
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for m in self.slots.values() for b in m.keys + m.values)
+    def _tensors(self, entry: SlotMemory) -> list[torch.Tensor]:
+        return entry.keys + entry.values  # the preallocated buffers: what the slot holds, written or not
 
     def ages(self, step: int) -> tuple[float, int]:
         """The mean and max age in steps of the positions held (0, 0 when nothing is held)."""
@@ -95,18 +90,11 @@ class StudentMemory:
                      if not self._serves(slot, context, step)]
         encoded = self._encode(backbone, [contexts[b][:-1] for b in to_encode], [slots[b] for b in to_encode], step,
                                pad_id)
-        layers = []
-        for layer in range(len(self.slots[slots[0]].keys)):
-            keys, values = [], []
-            for slot in slots:
-                memory = self.slots[slot]
-                length = len(memory.ids)
-                k, v = memory.keys[layer][:, :length], memory.values[layer][:, :length]
-                pad = k.new_zeros(k.size(0), width - 1 - length, k.size(2))
-                keys.append(torch.cat([pad, k], 1))
-                values.append(torch.cat([pad, v], 1))
-            layers.append((torch.stack(keys), torch.stack(values)))
-        return DynamicCache(ddp_cache_data=layers, config=self.config), encoded
+        rows = []
+        for slot in slots:
+            memory, length = self.slots[slot], len(self.slots[slot].ids)
+            rows.append([(k[:, :length], v[:, :length]) for k, v in zip(memory.keys, memory.values, strict=True)])
+        return left_padded_cache(rows, width - 1, self.config), encoded
 
     def _encode(self, backbone, sequences: list[list[int]], slots: list[int], step: int, pad_id: int) -> int:
         """Encode `sequences` (left-padded, at their true positions) into fresh memories of `slots`."""

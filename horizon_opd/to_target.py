@@ -65,18 +65,32 @@ def by_method(records: list[dict], key: str = "name") -> dict[str, list[dict]]:
 def mean_curve(runs: list[dict], metric: str) -> list[dict]:
     """Each run's `curve` (a list of points with "step", `metric` and cumulative costs), averaged over runs at the
     steps every run evaluated. Each point holds the mean of every numeric field, and `metric`'s per-run values
-    (`values`) and standard error over runs (`sem`, 0 for one run)."""
+    (`values`) and standard error over runs (`sem`, 0 for one run).
+
+    A run that ended early because it reached its target (`"stopped_at_target": True`, a run to a target such as
+    examples/real_model's `--stop-at-kl`) holds its last point at every later step: its value stays the one that met
+    the target, and its costs stop growing (it spent nothing more). Without that, seeds stopping at different steps
+    would cut the mean curve at the earliest stop."""
     if not runs:
         raise ValueError("no runs to average")
     by_step = [{point["step"]: point for point in run["curve"] if point.get(metric) is not None} for run in runs]
-    steps = sorted(set.intersection(*(set(points) for points in by_step)))
+    if not all(by_step):
+        raise ValueError(f"a run has no evaluation with a {metric!r} value")
+    held = [bool(run.get("stopped_at_target")) for run in runs]
+
+    def covers(points: dict, holds: bool, step) -> bool:
+        return step in points or (holds and step > max(points))
+
+    steps = [step for step in sorted(set().union(*by_step))
+             if all(covers(points, holds, step) for points, holds in zip(by_step, held, strict=True))]
     if not steps:
         raise ValueError(f"the runs share no evaluation step with a {metric!r} value")
     curve = []
     for step in steps:
-        points = [points[step] for points in by_step]
+        points = [points.get(step, points[max(points)]) for points in by_step]
         mean = {key: sum(p[key] for p in points) / len(points) for key in points[0]
                 if all(isinstance(p.get(key), int | float) for p in points)}
+        mean["step"] = step  # a held point keeps the step it was measured at
         values = [p[metric] for p in points]
         mean["values"] = values
         mean["sem"] = _sem(values)

@@ -55,6 +55,26 @@ def test_mean_curve_averages_seeds_at_shared_steps_with_standard_error():
     assert curve[1]["sem"] == pytest.approx(0.1)  # sd 0.1414 / sqrt(2)
 
 
+def test_a_run_stopped_at_its_target_holds_its_last_value_and_costs():
+    """Seeds of a run to a target stop at different evaluations: the one that stopped keeps its value and its costs,
+    so the mean curve goes on to the last step of the others instead of ending at the first stop."""
+    stopped = {**run([(0, 3.0), (10, 1.5), (20, 0.6)], metric="kl"), "stopped_at_target": True}
+    going = run([(0, 3.0), (10, 2.0), (20, 1.2), (30, 0.8), (40, 0.5)], metric="kl")
+    curve = mean_curve([stopped, going], "kl")
+    assert [p["step"] for p in curve] == [0, 10, 20, 30, 40]
+    assert curve[3]["kl"] == pytest.approx((0.6 + 0.8) / 2) and curve[3]["values"] == [0.6, 0.8]
+    assert curve[4]["decode_iterations"] == pytest.approx((200 + 400) / 2)  # the stopped seed spent no more
+    result = cost_to_target({"opd": [run([(0, 3.0), (20, 0.65)], metric="kl")], "rolling": [stopped, going]}, "kl",
+                            False, reference="opd", targets={"0.65": 0.65})
+    rolling = next(r for r in result["rows"] if r["method"] == "rolling")
+    assert rolling["reached"] and rolling["steps"] == pytest.approx(30 + 10 * (0.7 - 0.65) / (0.7 - 0.55))
+    # without the flag the early stop cuts the curve at step 20, where the mean (0.9) has not reached 0.65
+    plain = mean_curve([{"curve": stopped["curve"]}, going], "kl")
+    assert [p["step"] for p in plain] == [0, 10, 20]
+    # a run that did not stop at its target still bounds the curve by its own last step
+    assert [p["step"] for p in mean_curve([stopped, run([(0, 3.0), (10, 1.0)], metric="kl")], "kl")] == [0, 10]
+
+
 def test_cost_to_target_default_targets_costs_ratios_and_gpu_seconds():
     runs = {
         "opd": [run([(0, 0.0), (10, 0.5), (20, 1.0)])],

@@ -231,6 +231,7 @@ class QualityCallback(TrainerCallback):
     def __init__(self, evaluate, every: int, initial: dict, stop_at_kl: float | None = None):
         self.evaluate, self.every, self.initial = evaluate, every, initial
         self.stop_at_kl = stop_at_kl  # a run to a target ends at the first evaluation at or below it
+        self.stopped_at_target = False
         self.costs = dict  # replaced by trainer.cost.state_dict once the trainer exists
         self.curve: list[dict] = []
         self.peak_mb, self.eval_peak_mb, self.peak_cuda_mb = 0.0, 0.0, None
@@ -270,7 +271,7 @@ class QualityCallback(TrainerCallback):
         self.curve.append({"step": state.global_step, "train_seconds": round(seconds, 2), **costs, **metrics})
         print(f"  step {state.global_step}: {self.curve[-1]}", flush=True)
         if self.stop_at_kl is not None and metrics["heldout_kl"] <= self.stop_at_kl:
-            control.should_training_stop = True
+            control.should_training_stop = self.stopped_at_target = True
             print(f"  held-out KL {metrics['heldout_kl']:.4f} <= {self.stop_at_kl}: target reached, run ends",
                   flush=True)
         elif state.global_step < state.max_steps:
@@ -431,6 +432,7 @@ def train_one(key: str, seed: int, student, teacher, tokenizer, train_dataset, e
         "heldout_kl_before": before["heldout_kl"], "heldout_kl_after": curve[-1]["heldout_kl"],
         "arithmetic_accuracy_after": curve[-1]["arithmetic_accuracy"],
         "train_seconds": curve[-1]["train_seconds"],
+        "stopped_at_target": callback.stopped_at_target,  # cost_to_target holds its last value past its end
         **cost_record(trainer),
         "peak_memory_mb": round(callback.peak_mb, 1),
         "peak_memory_increase_mb": round(callback.peak_mb - callback.rss_at_start_mb, 1),
