@@ -501,11 +501,12 @@ def load_runs(runs_dir: Path) -> list[dict]:
         raise SystemExit(f"no runs in {runs_dir}: train each (method, seed) first, e.g. `--methods opd --seed 0 "
                          f"--output-dir {runs_dir.parent}`")
     runs = [json.loads(p.read_text()) for p in paths]
-    groups = Counter(json.dumps(shared_settings(r["settings"]), sort_keys=True) for r in runs)
+    shared = [shared_settings(r["settings"]) for r in runs]
+    groups = Counter(json.dumps(s, sort_keys=True) for s in shared)
     if len(groups) > 1:
         common = json.loads(groups.most_common(1)[0][0])
-        odd = [f"{p.name} ({', '.join(_differing(shared_settings(r['settings']), common))})"
-               for p, r in zip(paths, runs, strict=True) if shared_settings(r["settings"]) != common]
+        odd = [f"{p.name} ({', '.join(_differing(s, common))})" for p, s in zip(paths, shared, strict=True)
+               if s != common]
         raise SystemExit(f"the runs in {runs_dir} differ in their settings, so they cannot be merged; the ones unlike "
                          f"the most common (and the settings that differ): {'; '.join(odd)}")
     order = {key: i for i, key in enumerate(METHODS)}
