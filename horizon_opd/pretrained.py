@@ -174,7 +174,7 @@ def get_smollm2_pair(cache_dir: str | Path | None = None, prune_every: int | Non
 
 @torch.no_grad()
 def heldout_reverse_kl(student, teacher, tokenizer, prompts, max_new_tokens: int, *, seed: int = 0,
-                       batch_size: int = 8, temperature: float = 1.0) -> dict:
+                       batch_size: int = 8, temperature: float = 1.0, score_batch_size: int = 8) -> dict:
     """Mean per-token reverse KL(π_student ‖ π_teacher) on the student's own sampled rollouts, the quantity OPD
     minimises, measured where it matters: full-horizon rollouts (up to `max_new_tokens`) on held-out prompts.
 
@@ -185,6 +185,10 @@ def heldout_reverse_kl(student, teacher, tokenizer, prompts, max_new_tokens: int
     `prompts` are strings or conversations (lists of messages, formatted with the chat template).
     Returns `{"reverse_kl", "reverse_kl_se", "tokens", "mean_length", "finished_ratio"}`: `reverse_kl_se` is its
     standard error over prompts (`ratio_standard_error`), the spread another draw of as many prompts would show.
+
+    `batch_size` prompts are sampled together (the rollouts depend on it, through the shared random stream, so runs
+    compared with each other use the same value); the two forward passes that score them run `score_batch_size` rows
+    at a time, which bounds the float32 (rows, T, vocab) tensors and leaves the result unchanged.
     """
     from transformers import GenerationConfig
 
@@ -216,15 +220,17 @@ def heldout_reverse_kl(student, teacher, tokenizer, prompts, max_new_tokens: int
             attention = torch.cat([batch["attention_mask"], completion_mask.long()], dim=1)
             positions = (attention.cumsum(1) - 1).clamp(min=0)
             # Logits at position i predict token i + 1: the completion is predicted from prompt_len - 1 on.
-            s_logits = student(input_ids=sequences, attention_mask=attention, position_ids=positions).logits
-            t_logits = teacher(input_ids=sequences, attention_mask=attention, position_ids=positions).logits
-            vocab = min(s_logits.shape[-1], t_logits.shape[-1])
             predict = slice(prompt_len - 1, sequences.shape[1] - 1)
-            s_logp = torch.log_softmax(s_logits[:, predict, :vocab].float() / temperature, dim=-1)  # (B, T, V)
-            t_logp = torch.log_softmax(t_logits[:, predict, :vocab].float() / temperature, dim=-1)
-            kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # (B, T)
-            kl_sums += (kl * completion_mask).sum(1).tolist()
-            token_counts += completion_mask.sum(1).tolist()
+            for rows in torch.arange(len(sequences)).split(score_batch_size):
+                inputs = {"input_ids": sequences[rows], "attention_mask": attention[rows],
+                          "position_ids": positions[rows]}
+                s_logits, t_logits = student(**inputs).logits, teacher(**inputs).logits
+                vocab = min(s_logits.shape[-1], t_logits.shape[-1])
+                s_logp = torch.log_softmax(s_logits[:, predict, :vocab].float() / temperature, dim=-1)  # (b, T, V)
+                t_logp = torch.log_softmax(t_logits[:, predict, :vocab].float() / temperature, dim=-1)
+                kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # (b, T)
+                kl_sums += (kl * completion_mask[rows]).sum(1).tolist()
+                token_counts += completion_mask[rows].sum(1).tolist()
     finally:
         tokenizer.padding_side = side
         torch.random.set_rng_state(generator_state)

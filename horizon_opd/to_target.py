@@ -133,8 +133,9 @@ def cost_to_target(runs: dict[str, list[dict]], metric: str, higher_is_better: b
         {"metric", "higher_is_better", "reference", "targets", "rows"}: one row per (target, method) with "target"
         (its label), "method", "seeds", "reached", "best" (the best mean value seen), "final" and "final_sem" (the mean
         curve's last value and its standard error over seeds), "last_step" (how far the runs went), "held" (whether
-        the final value still meets the target: a run can reach it and fall back), and, when reached, "step" and every cost at that step,
-        with "ratios" {cost: value / the reference's} where the reference reached it too.
+        the final value still meets the target: a run can reach it and fall back), "seed_steps" (each seed's own first
+        crossing, None where it never reached it), and, when reached, "step" and every cost at that step, with "ratios"
+        {cost: value / the reference's} where the reference reached it too.
     """
     if reference not in runs:
         raise ValueError(f"reference={reference!r} is not among the methods {sorted(runs)}: name the full-OPD run.")
@@ -150,6 +151,9 @@ def cost_to_target(runs: dict[str, list[dict]], metric: str, higher_is_better: b
                    "last_step": curve[-1]["step"]}
             step = first_reach([(p["step"], p[metric]) for p in curve], target, higher_is_better)
             row["reached"] = step is not None
+            # each seed's own first crossing: the spread behind the mean curve's (None where a seed never reached it)
+            row["seed_steps"] = [first_reach([(p["step"], p[metric]) for p in run["curve"] if p.get(metric) is not None],
+                                             target, higher_is_better) for run in runs[method]]
             row["held"] = reaches(row["final"], target, higher_is_better)  # still there at the end of the run
             if step is not None:
                 row["step"] = row["steps"] = step  # the optimizer steps taken (fractional: interpolated)
@@ -189,9 +193,11 @@ def to_target_table(result: dict, columns: tuple[str, ...] = ("steps", "decode_i
         direction = ">=" if result["higher_is_better"] else "<="
         lines += ["", f"To {result['metric']} {direction} {target:.4g} ({result['reference']}'s at {label} of its "
                   f"steps); each cost as a multiple of {result['reference']}'s:", "",
-                  "| method | seeds | final ± s.e. | " + " | ".join(names.get(c, _gpu_name(c)) for c in columns) + " |",
-                  "|---|---|---|" + "---|" * len(columns)]
-        for row in (r for r in result["rows"] if r["target"] == label):
+                  "| method | seeds | final ± s.e. | " + " | ".join(names.get(c, _gpu_name(c)) for c in columns) +
+                  " | each seed's steps |", "|---|---|---|" + "---|" * (len(columns) + 1)]
+        block = [r for r in result["rows"] if r["target"] == label]
+        reference = next(r for r in block if r["method"] == result["reference"])
+        for row in block:
             final = f"{row['final']:.4g} ± {row['final_sem']:.2g}"
             if not row["reached"]:
                 cells = [f"not reached in {row['last_step']:g} (best {row['best']:.4g})"] + [""] * (len(columns) - 1)
@@ -200,13 +206,29 @@ def to_target_table(result: dict, columns: tuple[str, ...] = ("steps", "decode_i
                 cells = [_cell(row.get(c), ratios.get(c)) for c in columns]
                 if not row["held"]:
                     cells[0] += " †"
+            cells.append(_seed_steps(row.get("seed_steps", []), reference.get("steps")))
             lines.append(f"| {row['method']} | {row['seeds']} | {final} | " + " | ".join(cells) + " |")
     if any(row["reached"] and not row["held"] for row in result["rows"]):
         lines += ["", "†: reached the target, then fell back below it by the end of the run (see its final value)."]
+    lines += ["", f"Each seed's steps: where that seed's own curve first reached the target (–: never), and their "
+              f"range as a multiple of {result['reference']}'s steps (its mean curve's): the spread behind the steps "
+              f"ratio, which the engine and eager ratios of a fixed-horizon method share."]
     if gpu:
         lines += ["", "GPU seconds = steps to target x the cost model's seconds per step for the priced pair: this "
                   "assumes the steps to target carry over from the pair that was run."]
     return lines
+
+
+def _seed_steps(steps: list[float | None], reference_steps: float | None) -> str:
+    """"12, 20, – (0.60–1.00x)": each seed's steps to the target and their range over the reference's."""
+    if not steps:
+        return ""
+    text = ", ".join("–" if s is None else f"{s:.3g}" for s in steps)
+    reached = [s for s in steps if s is not None]
+    if reached and reference_steps:
+        low, high = min(reached) / reference_steps, max(reached) / reference_steps
+        text += f" ({low:.2f}x)" if len(reached) == 1 else f" ({low:.2f}–{high:.2f}x)"
+    return text
 
 
 def _gpu_name(column: str) -> str:

@@ -66,6 +66,10 @@ def test_heldout_reverse_kl_is_zero_against_itself_and_matches_the_explicit_sum(
     result = heldout_reverse_kl(student, teacher, tokenizer, prompts, 10, seed=0, batch_size=2)
     assert torch.equal(torch.random.get_rng_state(), rng)  # evaluation leaves the training RNG where it was
     assert result == heldout_reverse_kl(student, teacher, tokenizer, prompts, 10, seed=0, batch_size=2)
+    scored_by_row = heldout_reverse_kl(student, teacher, tokenizer, prompts, 10, seed=0, batch_size=2,
+                                       score_batch_size=1)  # the same rollouts, scored a row at a time
+    assert scored_by_row["tokens"] == result["tokens"]
+    assert scored_by_row["reverse_kl"] == pytest.approx(result["reverse_kl"], rel=1e-5)
     assert 0 < result["tokens"] <= 30
 
     # The same rollouts one prompt at a time, without padding, summed by hand.
@@ -271,6 +275,7 @@ def test_script_methods_are_valid_configs_and_the_matched_baseline_trains_on_few
     (["--methods", "opd", "opd"], "names a method twice"),
     (["--methods", "topd0.3"], "unknown method 'topd0.3'"),
     (["--methods", "topd0.1+memory"], "apply to rolling methods only"),
+    (["--methods", "opd", "--eval-batch-size", "0"], "--eval-batch-size 0: give at least 1"),
 ])
 def test_script_cli_refuses(argv, message, capsys):
     module = _load_script()
@@ -283,7 +288,8 @@ def _fake_run(module, method, seed, kls, decode, settings, batch_size=4):
     """A run file as the script writes it, with the fields the merge reads."""
     curve = [{"step": 2 * i, "train_seconds": 1.0 * i, "steps": 2 * i, "decode_iterations": d,
               "generated_tokens": 4 * d, "trained_tokens": 4 * d, "teacher_scored_tokens": 0, "heldout_kl": kl,
-              "arithmetic_accuracy": 0.0} for i, (kl, d) in enumerate(zip(kls, decode, strict=True))]
+              "arithmetic_accuracy": 0.0, "heldout_kl_se": 0.01 * (seed + 1)}
+             for i, (kl, d) in enumerate(zip(kls, decode, strict=True))]
     return {"method": method, "name": module.METHODS[method][0], "seed": seed, "settings": settings,
             "batch_size": batch_size, "before": {"heldout_kl": kls[0]}, "teacher_arithmetic_accuracy": 0.5,
             "heldout_kl_before": kls[0], "heldout_kl_after": kls[-1], "arithmetic_accuracy_after": 0.0,
@@ -316,12 +322,19 @@ def test_script_merge_summarizes_seeds_and_reads_curves_at_equal_decode_iteratio
     assert (tmp_path / "heldout_kl_vs_time.png").stat().st_size > 10_000
     assert [r["method"] for r in results["runs"]] == ["opd"] * 2 + ["opd-matched0.1"] * 2 + ["topd0.1"] * 2 + \
         ["rolling0.1"] * 2  # METHODS order, then seed
-    assert all("settings" not in r for r in results["runs"]) and results["settings"] == SETTINGS
+    assert all("settings" not in r for r in results["runs"])
+    assert results["settings"] == {**SETTINGS, "eval_batch_size": 8}  # runs before the option sampled 8 at a time
     assert results["decode_budgets"] == {"topd0.1": {"0": 8, "1": 9}, "rolling0.1": {"0": 8, "1": 8}}
+    assert [row["method"] for row in results["summary"]] == ["opd", "opd-matched0.1", "topd0.1", "rolling0.1"]
     rows = {row["method"]: row for row in results["summary"]}
     assert rows["opd"]["seeds"] == [0, 1] and rows["opd"]["heldout_kl_after"] == pytest.approx(1.1)
     assert rows["opd"]["heldout_kl_after_std"] == pytest.approx(0.2 / 2 ** 0.5)
     assert rows["topd0.1"]["heldout_kl_vs_opd"] == pytest.approx(2.5 / 1.1)
+    # its spread: OPD's seeds end at 1.0 and 1.2 (s.e. of the mean 0.1), TOPD's both at 2.5
+    assert rows["topd0.1"]["heldout_kl_vs_opd_seeds"] == [pytest.approx(2.5 / 1.1)] * 2
+    assert rows["topd0.1"]["heldout_kl_vs_opd_se"] == pytest.approx(2.5 / 1.1 * 0.1 / 1.1)
+    assert rows["opd"]["heldout_kl_vs_opd_seeds"] == [pytest.approx(1 / 1.1), pytest.approx(1.2 / 1.1)]
+    assert "| 2.27× ± 0.21 (2.27–2.27) |" in out
     assert rows["opd"]["peak_memory_mb"] == pytest.approx(100.5)
     assert rows["opd-matched0.1"]["batch_size"] == 1
     # equal decode iterations: OPD's first evaluation after step 0 is past TOPD's 8-9 iterations; TOPD reads its end;
@@ -331,8 +344,8 @@ def test_script_merge_summarizes_seeds_and_reads_curves_at_equal_decode_iteratio
     assert rows["topd0.1"]["at_decode_budget"]["topd0.1"]["heldout_kl"] == 2.5
     assert rows["opd-matched0.1"]["at_decode_budget"]["rolling0.1"] == {
         "budget": 8, "heldout_kl": 3.5, "heldout_kl_std": 0.0, "step": 2, "decode_iterations": 6}
-    assert "| OPD matched rho=0.1 (1 prompt/step) | 0, 1 | 3.000 ± 0.000 | 2.73× |" in out
-    assert "| OPD | 0, 1 | 1.100 ± 0.141 | 1.00× | 2.0 ± 0.0 | 128 ± 0 | 512 ± 0 | 100 ± 1 |" in out
+    assert "| OPD matched rho=0.1 (1 prompt/step) | 0, 1 | 3.000 ± 0.000 | 0.015 | 2.73× ± 0.25 (2.73–2.73) |" in out
+    assert "| OPD | 0, 1 | 1.100 ± 0.141 | 0.015 | 1.00× ± 0.13 (0.91–1.09) | 2.0 ± 0.0 | 128 ± 0 | 512 ± 0 | 100 ± 1 |" in out
     # per seed: TOPD's seed 1 (9 iterations) is past rolling's 8, so there it reads step 2
     assert "| TOPD rho=0.1 | 2.500 ± 0.000 (step 4) | 2.750 ± 0.354 (step 3) |" in out
     assert "| OPD | 4.000 ± 0.000 (step 0) | 4.000 ± 0.000 (step 0) |" in out
@@ -410,3 +423,12 @@ def test_script_trains_one_file_per_method_and_seed_on_tiny_models(tmp_path, mon
     results = module.main(["--merge", "--output-dir", str(tmp_path)])
     assert [row["method"] for row in results["summary"]] == ["opd-matched0.1", "topd0.1", "rolling0.1"]
     assert set(results["decode_budgets"]) == {"topd0.1", "rolling0.1"}
+
+    # A later run in the same dir takes the before-training evaluation from the runs there instead of repeating it.
+    evaluated = []
+    real = module.heldout_reverse_kl
+    monkeypatch.setattr(module, "heldout_reverse_kl", lambda *a, **k: evaluated.append(k) or real(*a, **k))
+    again = module.main([*flags[:-1], "1", "--methods", "topd0.1"])["topd0.1"]
+    assert len(evaluated) == 2 and all(k["batch_size"] == 8 for k in evaluated)  # steps 1 and 2 only
+    assert again["before"] == records["topd0.1"]["before"] and again["settings"]["eval_batch_size"] == 8
+    assert module.earlier_before(tmp_path / "runs", {**again["settings"], "eval_batch_size": 4}) is None

@@ -97,6 +97,19 @@ def test_cost_to_target_default_targets_costs_ratios_and_gpu_seconds():
     assert "not reached in 40 (best 0.4)" in table and "(0.20x)" in table and "GPU engine s" in table
 
 
+def test_each_seed_reaches_the_target_on_its_own_curve_and_the_table_gives_their_spread():
+    runs = {"opd": [run([(0, 0.0), (10, 1.0)]), run([(0, 0.0), (10, 0.6), (20, 1.0)])],
+            "rolling": [run([(0, 0.0), (20, 0.8)]), run([(0, 0.0), (20, 0.2)]), run([(0, 0.0), (20, 1.0)])]}
+    result = cost_to_target(runs, "accuracy", True, reference="opd", targets={"0.8": 0.8})
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["opd"]["seed_steps"] == [pytest.approx(8), pytest.approx(15)]
+    assert rows["opd"]["steps"] == pytest.approx(10)  # the mean curve: 0.8 at step 10
+    assert rows["rolling"]["seed_steps"] == [pytest.approx(20), None, pytest.approx(16)]
+    assert not rows["rolling"]["reached"]  # the mean curve tops out at 0.667
+    table = "\n".join(to_target_table(result))
+    assert "| 8, 15 (0.80–1.50x) |" in table and "| 20, –, 16 (1.60–2.00x) |" in table
+
+
 def test_cost_to_target_lower_is_better_with_explicit_target_and_refusals():
     runs = {"opd": [run([(0, 3.0), (10, 1.0)], metric="kl")], "rolling": [run([(0, 3.0), (10, 2.0), (20, 0.5)],
                                                                                 metric="kl")]}

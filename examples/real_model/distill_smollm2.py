@@ -60,6 +60,7 @@ OUT=runs/smollm2-L512 examples/real_model/run_all.sh --source hub --steps 200 --
 import argparse
 import copy
 import json
+import math
 import random
 import re
 import shutil
@@ -306,6 +307,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-size", type=int, default=None, help="held-out prompts (default 16; quick 4; up to "
                                                                   "176: each evaluation reports its standard error "
                                                                   "over prompts)")
+    p.add_argument("--eval-batch-size", type=int, default=8,
+                   help="held-out prompts sampled together (more is faster on a CPU; the rollouts depend on it, so "
+                        "the runs of one output dir share it)")
     p.add_argument("--stop-at-kl", type=float, default=None,
                    help="a run to a target: end at the first evaluation whose held-out KL is at or below this "
                         "(--steps caps it)")
@@ -314,6 +318,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="converted checkpoint cache (default ~/.cache/horizon_opd)")
     p.add_argument("--quick", action="store_true", help="2 steps, L = 16, 4 held-out prompts: a smoke run")
     args = p.parse_args(argv)
+    if args.eval_batch_size < 1:
+        p.error(f"--eval-batch-size {args.eval_batch_size}: give at least 1 held-out prompt per batch (default 8)")
     if args.merge and args.methods:
         p.error("--merge trains nothing: drop --methods (train each (method, seed) in its own call first)")
     if not args.merge and not args.methods:
@@ -352,7 +358,8 @@ def main(argv=None) -> dict:
     train_dataset, heldout, heldout_arith = build_prompts(heldout_size)
     settings = {"steps": steps, "batch_size": args.batch_size, "max_completion_length": max_len,
                 "learning_rate": args.learning_rate, "warmup_steps": min(2, steps // 10), "temperature": 1.0,
-                "eval_every": eval_every, "eval_seed": args.eval_seed, "prune_every": args.prune_every,
+                "eval_every": eval_every, "eval_seed": args.eval_seed, "eval_batch_size": args.eval_batch_size,
+                "prune_every": args.prune_every,
                 "heldout_prompts": len(heldout), "heldout_arithmetic": len(heldout_arith),
                 "arithmetic_scoring": "greedy, 16 tokens; first line: integer after '=', else last integer",
                 "train_prompts": len(train_dataset), "teacher": teacher_source,
@@ -364,7 +371,8 @@ def main(argv=None) -> dict:
     check_settings(out / "runs", settings, replacing=[run_path(out, key, args.seed).name for key in args.methods])
 
     def evaluate(model) -> dict:
-        kl = heldout_reverse_kl(model, teacher, tokenizer, heldout, max_len, seed=args.eval_seed)
+        kl = heldout_reverse_kl(model, teacher, tokenizer, heldout, max_len, seed=args.eval_seed,
+                                batch_size=args.eval_batch_size)
         se = kl["reverse_kl_se"]
         return {"heldout_kl": round(kl["reverse_kl"], 4), "heldout_kl_se": None if se is None else round(se, 4),
                 "heldout_mean_length": kl["mean_length"],
@@ -372,10 +380,16 @@ def main(argv=None) -> dict:
                 "arithmetic_accuracy": arithmetic_accuracy(model, tokenizer, heldout_arith)}
 
     began = time.perf_counter()
-    teacher_accuracy = arithmetic_accuracy(teacher, tokenizer, heldout_arith)
-    before = evaluate(student)
-    print(f"before distillation ({time.perf_counter() - began:.0f} s): {before}, teacher arithmetic accuracy "
-          f"{teacher_accuracy:.3f}", flush=True)
+    earlier = earlier_before(out / "runs", settings)
+    if earlier is not None:
+        before, teacher_accuracy, source = earlier
+        print(f"before distillation: {before}, teacher arithmetic accuracy {teacher_accuracy:.3f} (the same untrained "
+              f"pair and held-out rollouts as {source}: not evaluated again)", flush=True)
+    else:
+        teacher_accuracy = arithmetic_accuracy(teacher, tokenizer, heldout_arith)
+        before = evaluate(student)
+        print(f"before distillation ({time.perf_counter() - began:.0f} s): {before}, teacher arithmetic accuracy "
+              f"{teacher_accuracy:.3f}", flush=True)
     if len(args.methods) > 1:
         print("several methods in one process: each writes its own file, but only the first one's peak memory is "
               "measured from a fresh process (run_all.sh runs one per process)", flush=True)
@@ -466,11 +480,31 @@ def _differing(a: dict, b: dict) -> list[str]:
 def shared_settings(settings: dict) -> dict:
     """The settings runs must share to be merged. In a run to a target (`--stop-at-kl`), `--steps` is that run's cap,
     which the issue sets per method (8x OPD's steps for the rho = 0.1 methods, 2x for the wide ones), so it is left
-    out; each run keeps its own cap in its record."""
+    out; each run keeps its own cap in its record. Runs written before `--eval-batch-size` sampled 8 at a time."""
     settings = json.loads(json.dumps(settings))
+    settings.setdefault("eval_batch_size", 8)
     if settings.get("stop_at_kl") is not None:
         settings.pop("steps", None)
     return settings
+
+
+def earlier_before(runs_dir: Path, settings: dict) -> tuple[dict, float, Path] | None:
+    """The before-training evaluation of a run in `runs_dir` with the same settings, `(before, teacher accuracy,
+    its file)`, or None. The untrained student, the teacher and the seeded held-out rollouts are the same for every
+    run with these settings, so a second evaluation would give the same numbers (`--merge` checks that they agree);
+    at 64 held-out prompts it costs minutes."""
+    for path in sorted(runs_dir.glob("*.json")):
+        run = json.loads(path.read_text())
+        if "before" in run and _evaluation(run.get("settings", {})) == _evaluation(settings):
+            return run["before"], run["teacher_arithmetic_accuracy"], path
+    return None
+
+
+def _evaluation(settings: dict) -> dict:
+    """The settings the before-training evaluation depends on."""
+    keys = ("max_completion_length", "temperature", "eval_seed", "eval_batch_size", "prune_every", "heldout_prompts",
+            "heldout_arithmetic", "arithmetic_scoring", "teacher", "student_layers", "teacher_layers")
+    return {key: shared_settings(settings).get(key) for key in keys}
 
 
 def check_settings(runs_dir: Path, settings: dict, replacing: list[str]) -> None:
@@ -552,12 +586,30 @@ def summarize(runs: list[dict], budgets: dict) -> list[dict]:
                 "budget": sum(limits) / len(limits), "heldout_kl": kl, "heldout_kl_std": kl_std,
                 "step": sum(p["step"] for p in points) / len(points),
                 "decode_iterations": sum(p["decode_iterations"] for p in points) / len(points)}
+        prompt_se = [r["curve"][-1].get("heldout_kl_se") for r in group]
+        if all(v is not None for v in prompt_se):  # recorded by runs since the evaluation reports it
+            row["heldout_kl_after_prompt_se"] = sum(prompt_se) / len(prompt_se)
         rows.append(row)
     opd = next((row for row in rows if row["method"] == "opd"), None)
+    opd_runs = [r for r in runs if r["method"] == "opd"]
     for row in rows:
         row["heldout_kl_vs_opd"] = (row["heldout_kl_after"] / opd["heldout_kl_after"]
                                     if opd is not None and opd["heldout_kl_after"] else None)
+        if row["heldout_kl_vs_opd"] is not None:
+            finals = [r["heldout_kl_after"] for r in runs if r["method"] == row["method"]]
+            row["heldout_kl_vs_opd_seeds"] = [value / opd["heldout_kl_after"] for value in finals]
+            row["heldout_kl_vs_opd_se"] = ratio_se(finals, [r["heldout_kl_after"] for r in opd_runs])
     return rows
+
+
+def ratio_se(values: list[float], reference: list[float]) -> float | None:
+    """The standard error over seeds of mean(values) / mean(reference), to first order (the two sets of seeds
+    independent): ratio x sqrt((se_v / mean_v)^2 + (se_ref / mean_ref)^2); None with fewer than 2 seeds on either
+    side."""
+    if len(values) < 2 or len(reference) < 2:
+        return None
+    (v, v_std), (r, r_std) = mean_std(values), mean_std(reference)
+    return v / r * math.sqrt((v_std / v) ** 2 / len(values) + (r_std / r) ** 2 / len(reference))
 
 
 def merge(out: Path) -> dict:
@@ -603,6 +655,19 @@ def _cell(row: dict, key: str, digits: int) -> str:
     return text
 
 
+def _ratio_cell(row: dict) -> str:
+    """"1.32× ± 0.08 (1.20–1.41)": the ratio of the seeds' mean to OPD's, its s.e. and each seed's ratio's range."""
+    if row["heldout_kl_vs_opd"] is None:
+        return "–"
+    text = f"{row['heldout_kl_vs_opd']:.2f}×"
+    if row.get("heldout_kl_vs_opd_se") is not None:
+        text += f" ± {row['heldout_kl_vs_opd_se']:.2f}"
+    seeds = row.get("heldout_kl_vs_opd_seeds", [])
+    if len(seeds) > 1:
+        text += f" ({min(seeds):.2f}–{max(seeds):.2f})"
+    return text
+
+
 def _name(row: dict, settings: dict) -> str:
     batch = row.get("batch_size")
     if batch is not None and batch != settings["batch_size"]:
@@ -620,13 +685,15 @@ def format_table(results: dict) -> str:
              f"{results['before']['heldout_kl']:.3f}; teacher arithmetic accuracy "
              f"{results['teacher_arithmetic_accuracy']:.3f}",
              "",
-             f"| method | seeds | held-out KL after (± over seeds) | vs OPD | train seconds ({device}) | "
+             f"| method | seeds | held-out KL after (± over seeds) | its s.e. over prompts | vs OPD (± s.e.; "
+             f"seeds' range) | train seconds ({device}) | "
              f"decode iterations | tokens generated | peak memory (MB) |" + (" peak GPU memory (MB) |" if gpu_memory
                                                                             else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if gpu_memory else "")]
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu_memory else "")]
     for row in rows:
-        ratio = "–" if row["heldout_kl_vs_opd"] is None else f"{row['heldout_kl_vs_opd']:.2f}×"
-        cells = [_name(row, s), ", ".join(map(str, row["seeds"])), _cell(row, "heldout_kl_after", 3), ratio,
+        prompt_se = row.get("heldout_kl_after_prompt_se")
+        cells = [_name(row, s), ", ".join(map(str, row["seeds"])), _cell(row, "heldout_kl_after", 3),
+                 "–" if prompt_se is None else f"{prompt_se:.3f}", _ratio_cell(row),
                  _cell(row, "train_seconds", 1), _cell(row, "decode_iterations", 0),
                  _cell(row, "tokens_generated", 0), _cell(row, "peak_memory_mb", 0)]
         if gpu_memory:
