@@ -32,12 +32,21 @@ from horizon_opd.to_target import by_method, cost_to_target, mean_curve, to_targ
 TASKS = {
     "main job": (["examples/demo_results/results.json"], "accuracy", True,
                  "the default `horizon-opd` job (60 steps x 32 prompts, L = 104, lr 1e-3)"),
-    "mismatch m = 1, lr 1e-3": (["examples/mismatch_results/m1_lr1e-3/results.json",
+    "main job, run on to a cap": (
+        ["examples/demo_results/long/results.json", "examples/demo_results/long_popd/results.json",
+         "examples/demo_results/results.json"], "accuracy", True,
+        "the same job; the methods that had not reached OPD's 50% target in 60 steps run on to a cap (`--steps 480`: "
+        "8x OPD's steps, for token-matched OPD, TOPD and rolling; `--steps 120`, 2x, for POPD, whose schedule spans "
+        "its run). Their first 60 steps equal the 60-step runs' evaluation for evaluation"),
+    "mismatch m = 1, lr 1e-3": (["examples/mismatch_results/m1_lr1e-3_grad_long/results.json",
+                                 "examples/mismatch_results/m1_lr1e-3/results.json",
                                  "examples/mismatch_results/m1_lr1e-3_wide/results.json",
                                  "examples/mismatch_results/m1_lr1e-3_gap/results.json",
                                  "examples/mismatch_results/m1_lr1e-3_gap_seeds345/results.json"], "accuracy", True,
                                 "the mismatch task at m = 1, lr 1e-3 (the gap files add seeds 3-5 of OPD and the "
-                                "rolling rows: the student memory, the context with grad, resampled contexts)"),
+                                "rolling rows: the student memory, the context with grad, resampled contexts; the "
+                                "one row that had not reached OPD's quality in 60 steps, rolling with the context's "
+                                "gradient, runs on to 480, 8x OPD's steps, `--methods rolling+grad --steps 480`)"),
     "SmolLM2 L = 256": (["examples/real_model/results.json"], "heldout_kl", False,
                         "SmolLM2-135M-Instruct, a third of its layers pruned, distilled from the unpruned model "
                         "(examples/real_model/README.md; held-out KL on 16 prompts, 20 steps x 4 prompts)"),
@@ -48,6 +57,12 @@ TASKS = {
         "the wide ones and adaptive (`--stop-at-kl 0.6875 --steps <cap>`; the first runs, token-matched OPD, "
         "TOPD N=100 and POPD, had a cap of 80). A seed that stopped at the target holds its last value in the mean "
         "curve"),
+    "SmolLM2 L = 256, 64 held-out prompts": (
+        ["examples/real_model/heldout64/runs/opd_seed*.json", "examples/real_model/heldout64/long/runs/*.json"],
+        "heldout_kl", False,
+        "the same pair and runs to a target, scored on 64 held-out prompts (32 instructions, 32 additions; "
+        "`--heldout-size 64 --eval-batch-size 16`): OPD's 20-step runs set the target, rolling runs until its "
+        "held-out KL reaches OPD's final mean or 160 steps (examples/real_model/heldout64/)"),
 }
 REFERENCE = "OPD"
 
@@ -117,7 +132,8 @@ def load_runs(files: list[str]) -> dict[str, list[dict]]:
             results = json.load(f)
         for run in results.get("methods") or results.get("runs") or [results]:  # a results file, or one run's
             records.setdefault((run["name"], run["seed"]), {**run, "stopped_at_target": stopped_at_target(run)})
-    return by_method(list(records.values()))
+    runs = by_method(list(records.values()))
+    return {REFERENCE: runs[REFERENCE], **runs} if REFERENCE in runs else runs  # the reference's row first
 
 
 def plot(task: str, runs: dict[str, list[dict]], metric: str, prices: dict, result: dict, path: str) -> None:
