@@ -152,8 +152,9 @@ def cost_to_target(runs: dict[str, list[dict]], metric: str, higher_is_better: b
             step = first_reach([(p["step"], p[metric]) for p in curve], target, higher_is_better)
             row["reached"] = step is not None
             # each seed's own first crossing: the spread behind the mean curve's (None where a seed never reached it)
-            row["seed_steps"] = [first_reach([(p["step"], p[metric]) for p in run["curve"] if p.get(metric) is not None],
-                                             target, higher_is_better) for run in runs[method]]
+            row["seed_steps"] = [
+                first_reach([(p["step"], p[metric]) for p in run["curve"] if p.get(metric) is not None], target,
+                            higher_is_better) for run in runs[method]]
             row["held"] = reaches(row["final"], target, higher_is_better)  # still there at the end of the run
             if step is not None:
                 row["step"] = row["steps"] = step  # the optimizer steps taken (fractional: interpolated)

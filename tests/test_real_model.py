@@ -344,8 +344,10 @@ def test_script_merge_summarizes_seeds_and_reads_curves_at_equal_decode_iteratio
     assert rows["topd0.1"]["at_decode_budget"]["topd0.1"]["heldout_kl"] == 2.5
     assert rows["opd-matched0.1"]["at_decode_budget"]["rolling0.1"] == {
         "budget": 8, "heldout_kl": 3.5, "heldout_kl_std": 0.0, "step": 2, "decode_iterations": 6}
-    assert "| OPD matched rho=0.1 (1 prompt/step) | 0, 1 | 3.000 ± 0.000 | 0.015 | 2.73× ± 0.25 (2.73–2.73) |" in out
-    assert "| OPD | 0, 1 | 1.100 ± 0.141 | 0.015 | 1.00× ± 0.13 (0.91–1.09) | 2.0 ± 0.0 | 128 ± 0 | 512 ± 0 | 100 ± 1 |" in out
+    assert ("| OPD matched rho=0.1 (1 prompt/step) | 0, 1 | 3.000 ± 0.000 | 0.015 | 2.73× ± 0.25 (2.73–2.73) |"
+            in out)
+    assert ("| OPD | 0, 1 | 1.100 ± 0.141 | 0.015 | 1.00× ± 0.13 (0.91–1.09) | 2.0 ± 0.0 | 128 ± 0 | 512 ± 0 | "
+            "100 ± 1 |") in out
     # per seed: TOPD's seed 1 (9 iterations) is past rolling's 8, so there it reads step 2
     assert "| TOPD rho=0.1 | 2.500 ± 0.000 (step 4) | 2.750 ± 0.354 (step 3) |" in out
     assert "| OPD | 4.000 ± 0.000 (step 0) | 4.000 ± 0.000 (step 0) |" in out
