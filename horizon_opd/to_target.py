@@ -62,6 +62,11 @@ def by_method(records: list[dict], key: str = "name") -> dict[str, list[dict]]:
     return runs
 
 
+def evaluations(run: dict, metric: str) -> list[dict]:
+    """The points of a run's `curve` that measured `metric` (a curve may log costs at steps it did not evaluate)."""
+    return [point for point in run["curve"] if point.get(metric) is not None]
+
+
 def mean_curve(runs: list[dict], metric: str) -> list[dict]:
     """Each run's `curve` (a list of points with "step", `metric` and cumulative costs), averaged over runs at the
     steps every run evaluated. Each point holds the mean of every numeric field, and `metric`'s per-run values
@@ -73,7 +78,7 @@ def mean_curve(runs: list[dict], metric: str) -> list[dict]:
     would cut the mean curve at the earliest stop."""
     if not runs:
         raise ValueError("no runs to average")
-    by_step = [{point["step"]: point for point in run["curve"] if point.get(metric) is not None} for run in runs]
+    by_step = [{point["step"]: point for point in evaluations(run, metric)} for run in runs]
     if not all(by_step):
         raise ValueError(f"a run has no evaluation with a {metric!r} value")
     held = [bool(run.get("stopped_at_target")) for run in runs]
@@ -153,8 +158,8 @@ def cost_to_target(runs: dict[str, list[dict]], metric: str, higher_is_better: b
             row["reached"] = step is not None
             # each seed's own first crossing: the spread behind the mean curve's (None where a seed never reached it)
             row["seed_steps"] = [
-                first_reach([(p["step"], p[metric]) for p in run["curve"] if p.get(metric) is not None], target,
-                            higher_is_better) for run in runs[method]]
+                first_reach([(p["step"], p[metric]) for p in evaluations(run, metric)], target, higher_is_better)
+                for run in runs[method]]
             row["held"] = reaches(row["final"], target, higher_is_better)  # still there at the end of the run
             if step is not None:
                 row["step"] = row["steps"] = step  # the optimizer steps taken (fractional: interpolated)
