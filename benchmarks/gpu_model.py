@@ -367,10 +367,11 @@ def step_flops(shape: StepShape, student: Model, teacher: Model) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def _horizon_module():
-    """horizon_opd/horizon.py, loaded from its file: the package's __init__ imports torch, this module does not."""
-    path = os.path.join(ROOT, "horizon_opd", "horizon.py")
-    spec = importlib.util.spec_from_file_location("_horizon_policies", path)
+def torch_free_module(name: str):
+    """horizon_opd/<name>.py, loaded from its file: the package's __init__ imports torch, `horizon` and `to_target`
+    do not, so the cost model and the to-target tables run in seconds, beside a training run, without slowing it."""
+    path = os.path.join(ROOT, "horizon_opd", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_horizon_opd_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve the module by name
     spec.loader.exec_module(module)
@@ -411,7 +412,7 @@ def methods(batch: int, prompt: int, length: int, rho: float = 0.1, steps: int =
     """The methods of the demo's table (its settings), plus rolling, at full horizon `length`, over a run of `steps`;
     then the wide methods, on ceil(B / rho) prompts (slots) per step: OPD's tokens per update at a chunk's decode
     iterations."""
-    h = _horizon_module()
+    h = torch_free_module("horizon")
 
     def scheduled(name, policy, source):
         horizons = [h.horizon_at(s, steps, policy) for s in range(steps)]
