@@ -139,3 +139,23 @@ def test_the_gap_table_averages_the_late_evaluations_then_the_seeds():
     assert "late_vs_baseline" not in rows["base"]
     with pytest.raises(ValueError, match="--baseline 'nope'"):
         rolling_gap.gap_rows(runs, "accuracy", 40, "nope")
+
+
+# ----------------------------------------------------------------------------------------------- the tables' script
+def test_the_to_target_script_builds_every_task_from_the_committed_runs_without_torch(tmp_path):
+    """benchmarks/to_target.py loads horizon_opd/to_target.py from its file, so it regenerates the tables beside a
+    training run without a second torch process (and in seconds); every task it lists has its results files."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "to_target.json"
+    code = ("import runpy, sys; sys.argv = ['to_target.py', '--json', sys.argv[1]]; "
+            "runpy.run_path('benchmarks/to_target.py', run_name='__main__'); "
+            "assert 'torch' not in sys.modules, 'benchmarks/to_target.py imported torch'")
+    subprocess.run([sys.executable, "-c", code, str(out)], cwd=root, check=True, capture_output=True, text=True)
+    tasks = json.loads(out.read_text())["tasks"]
+    assert "SmolLM2 L = 256, run to OPD's final KL" in tasks
+    for result in tasks.values():
+        opd = [row for row in result["rows"] if row["method"] == result["reference"]]
+        assert opd and all(row["reached"] for row in opd)
