@@ -65,8 +65,9 @@ TASKS = {
         ["examples/real_model/heldout64/runs/opd_seed*.json", "examples/real_model/heldout64/long/runs/*.json"],
         "heldout_kl", False,
         "the same pair and runs to a target, scored on 64 held-out prompts (32 instructions, 32 additions; "
-        "`--heldout-size 64 --eval-batch-size 16`): OPD's 20-step runs set the target, rolling runs until its "
-        "held-out KL reaches OPD's final mean or 160 steps (examples/real_model/heldout64/)"),
+        "`--heldout-size 64 --eval-batch-size 16`): OPD's 20-step runs set the target, rolling and token-matched "
+        "OPD run until their held-out KL reaches OPD's final mean or a cap of 160 and 80 steps "
+        "(examples/real_model/heldout64/)"),
 }
 REFERENCE = "OPD"
 
